@@ -1,0 +1,188 @@
+"""params.yaml, validated: one pydantic model per section, extra keys forbidden.
+
+Every stage calls :func:`load_params` before doing any work, so a bad value stops the
+pipeline with a message naming the key path and the allowed values, and nothing is written.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Sparsity(Section):
+    n: int = Field(2, ge=1, description="weights kept in every group")
+    m: int = Field(4, ge=2, le=16, description="group size along the input dimension")
+
+    @model_validator(mode="after")
+    def _n_le_m(self):
+        if self.n >= self.m:
+            raise ValueError(f"n must be smaller than m (N = weights kept), got n={self.n}, m={self.m}")
+        return self
+
+
+class Data(Section):
+    source: Literal["wiki", "shakespeare", "wikitext2", "c4"] = "wiki"
+    hf_path: Optional[str] = None  # override of the hub dataset (a local dir / files for offline use)
+    test_fraction: float = Field(0.02, gt=0, lt=0.5)
+    max_articles: Optional[int] = Field(None, ge=10)  # cap for quick runs; None = all
+    seed: int = 0
+    tokenizer_vocab: int = Field(4096, ge=260, le=65536)  # byte-level BPE size, model.source=tiny only
+
+
+class TinyModel(Section):
+    """A small LLaMA trained from scratch by the dense stage (micro profile, tests)."""
+    hidden_size: int = Field(64, ge=8)
+    intermediate_size: int = Field(128, ge=8)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1)
+    seqlen: int = Field(128, ge=8)
+    lr: float = Field(3e-3, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _heads(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be divisible by num_key_value_heads")
+        return self
+
+
+class Model(Section):
+    source: Literal["smollm2", "tiny", "hf"] = "smollm2"
+    hf_id: Optional[str] = None  # hub id or local path, model.source=hf only
+    tiny: TinyModel = TinyModel()
+
+    @model_validator(mode="after")
+    def _hf_needs_id(self):
+        if self.source == "hf" and not self.hf_id:
+            raise ValueError("model.source=hf needs model.hf_id (a hub id or a local save_pretrained dir)")
+        return self
+
+
+Method = Literal["magnitude", "wanda", "sparsegpt"]
+
+
+class Prior(Section):
+    methods: list[Method] = ["magnitude", "wanda", "sparsegpt"]
+    nsamples: int = Field(128, ge=1)
+    seqlen: int = Field(512, ge=8)
+    seed: int = 0
+    percdamp: float = Field(0.01, gt=0, lt=1)
+    blocksize: int = Field(128, ge=1)
+
+    @field_validator("methods")
+    @classmethod
+    def _unique(cls, v):
+        if len(set(v)) != len(v) or not v:
+            raise ValueError("must be a non-empty list without repeats")
+        return v
+
+
+class Learn(Section):
+    steps: int = Field(64, ge=1)
+    batch_size: int = Field(2, ge=1)
+    seqlen: int = Field(512, ge=8)
+    lr: float = Field(5e-4, gt=0)
+    tau: float = Field(4.0, gt=0, description="temperature at step 0")
+    tau_end: float = Field(0.05, gt=0)
+    kappa: float = Field(1e2, gt=0, description="logit scale at step 0")
+    kappa_end: float = Field(5e2, gt=0)
+    prior: Literal["none", "magnitude", "wanda", "sparsegpt"] = "sparsegpt"
+    prior_strength: float = Field(3.0, ge=0)
+    weight_reg: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(16, ge=1)
+
+
+class Harden(Section):
+    export_npz: bool = True
+    export_checkpoint: bool = False
+
+
+class Evaluate(Section):
+    seqlen: int = Field(512, ge=8)
+    batch_size: int = Field(4, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_windows: Optional[int] = Field(None, ge=1)  # cap for quick runs; None = whole split
+
+
+class Plot(Section):
+    dpi: int = Field(150, ge=50, le=600)
+
+
+class Params(Section):
+    sparsity: Sparsity = Sparsity()
+    data: Data = Data()
+    model: Model = Model()
+    prior: Prior = Prior()
+    learn: Learn = Learn()
+    harden: Harden = Harden()
+    evaluate: Evaluate = Evaluate()
+    plot: Plot = Plot()
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if self.learn.prior not in ("none", *self.prior.methods):
+            raise ValueError(
+                f"learn.prior={self.learn.prior!r} is not computed: add it to prior.methods {self.prior.methods} or use 'none'"
+            )
+        return self
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names key paths."""
+
+
+def _describe(err: dict) -> str:
+    path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (remove it or check its spelling)"
+    elif err["type"] == "literal_error":
+        msg = f"must be one of {err['ctx']['expected']}, got {err['input']!r}"
+    return f"  {path}: {msg}"
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as e:
+        lines = [_describe(err) for err in e.errors()]
+        raise ParamsError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found (run from the repository root, where params.yaml lives)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections")
+    return parse_params(raw, str(path))
+
+
+def load_params_or_exit(path: str | Path = "params.yaml") -> Params:
+    """For stage scripts: print the error and exit 2 before any work."""
+    try:
+        return load_params(path)
+    except ParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)

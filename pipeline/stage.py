@@ -1,0 +1,31 @@
+"""What every stage script shares: params first, user errors as one clear line, a summary line."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from pipeline.config import Params, load_params_or_exit
+
+# Errors a user can cause (bad paths, missing packages, N:M that does not divide a layer):
+# one line naming the problem and the fix, exit 1; anything else keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, RuntimeError)
+
+
+def run_stage(name: str, body: Callable[[Params], str], params_path: str = "params.yaml") -> None:
+    params = load_params_or_exit(params_path)  # before any work or write
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.time()
+    try:
+        summary = body(params)
+    except KeyboardInterrupt:
+        print(f"[{name}] interrupted; rerun `dvc repro` to resume", file=sys.stderr)
+        raise SystemExit(130)
+    except USER_ERRORS as e:
+        if isinstance(e, FileNotFoundError) or type(e).__module__.startswith("pipeline"):
+            print(f"[{name}] error: {e}", file=sys.stderr)
+            raise SystemExit(1)
+        raise
+    print(f"[{name}] {summary} ({time.time() - t0:.1f} s)")

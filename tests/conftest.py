@@ -1,0 +1,66 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+# Outputs of an earlier run in the developer's checkout never leak into a test copy.
+SKIP = ("tests/", "notebooks/", "bench/", "artifacts/", "metrics/", "plots/", "mlflow")
+
+
+def repo_env(**extra) -> dict:
+    """Environment for DVC/stage subprocesses: the venv first on PATH, 2 threads, no hub."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"})
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra)
+    return env
+
+
+def run(cmd, cwd, check=True, env=None, timeout=600):
+    res = subprocess.run(cmd, cwd=cwd, env=env or repo_env(), capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    return res
+
+
+def copy_repo(dest: Path, overrides: dict | None = None) -> Path:
+    """A fresh git+DVC copy of the tracked project files, params overridden (dotted keys)."""
+    from pipeline.profile import apply_overrides
+
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if not (ROOT / f).is_file() or f.startswith(SKIP) or f == "dvc.lock":
+            continue
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dest / f)
+    if overrides:
+        raw = yaml.safe_load((dest / "params.yaml").read_text())
+        (dest / "params.yaml").write_text(yaml.safe_dump(apply_overrides(raw, overrides), sort_keys=False))
+    run(["git", "init", "-q", "-b", "main"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "copy"], dest)
+    return dest
+
+
+def micro_overrides(**extra) -> dict:
+    from pipeline.profile import load_profile
+
+    return {**load_profile("micro"), **extra}
+
+
+@pytest.fixture(scope="session")
+def micro_repo(tmp_path_factory):
+    """The micro profile's pipeline reproduced once in a temporary copy (shared by e2e tests)."""
+    repo = copy_repo(tmp_path_factory.mktemp("micro"), micro_overrides())
+    res = run([str(BIN / "dvc"), "repro"], repo)
+    return repo, res

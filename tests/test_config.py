@@ -1,0 +1,62 @@
+"""params.yaml validation: every bad value names its key path; stages stop before any write."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.config import ParamsError, load_params, parse_params
+from tests.conftest import ROOT, repo_env
+
+
+def test_repository_params_are_valid():
+    p = load_params(ROOT / "params.yaml")
+    assert (p.sparsity.n, p.sparsity.m) == (2, 4)
+    assert p.model.source == "smollm2" and p.data.source == "wiki"
+
+
+@pytest.mark.parametrize(
+    "raw, key, hint",
+    [
+        ({"sparsity": {"n": 4, "m": 4}}, "sparsity", "n must be smaller than m"),
+        ({"sparsity": {"n": 0}}, "sparsity.n", "greater than or equal to 1"),
+        ({"data": {"source": "imagenet"}}, "data.source", "'wiki'"),
+        ({"data": {"test_fraction": 0.9}}, "data.test_fraction", "less than 0.5"),
+        ({"model": {"source": "gpt5"}}, "model.source", "'smollm2'"),
+        ({"model": {"source": "hf"}}, "model", "needs model.hf_id"),
+        ({"model": {"tiny": {"hidden_size": 66, "num_attention_heads": 4}}}, "model.tiny", "divisible"),
+        ({"prior": {"methods": ["magnitude", "obs"]}}, "prior.methods.1", "'sparsegpt'"),
+        ({"prior": {"methods": []}}, "prior.methods", "non-empty"),
+        ({"learn": {"tau": 0}}, "learn.tau", "greater than 0"),
+        ({"learn": {"temperature": 4}}, "learn.temperature", "unknown key"),
+        ({"learn": {"prior": "wanda"}, "prior": {"methods": ["sparsegpt"]}}, "(top level)", "add it to prior.methods"),
+        ({"evaluate": {"dtype": "int8"}}, "evaluate.dtype", "'float32'"),
+        ({"evaluate": {"seqlen": "long"}}, "evaluate.seqlen", "integer"),
+        ({"plots": {}}, "plots", "unknown key"),
+    ],
+)
+def test_bad_values_name_the_key(raw, key, hint):
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    msg = str(err.value)
+    assert f"  {key}:" in msg, msg
+    assert hint in msg, msg
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("learn: [1, 2\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_stage_rejects_bad_params_before_any_write(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["evaluate"]["dtype"] = "int8"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    res = subprocess.run([sys.executable, "-m", "stages.data"], cwd=tmp_path, capture_output=True, text=True,
+                         env=repo_env(PYTHONPATH=str(ROOT)), timeout=120)
+    assert res.returncode == 2
+    assert "evaluate.dtype: must be one of" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -1,0 +1,40 @@
+"""The DVC pipeline end to end on the micro profile, in a temporary copy of the repository."""
+import json
+import math
+
+import yaml
+
+from tests.conftest import BIN, run
+
+
+def test_repro_writes_finite_metrics_with_protocol(micro_repo):
+    repo, res = micro_repo
+    metrics = json.loads((repo / "metrics" / "dense.json").read_text())
+    assert math.isfinite(metrics["ppl"]) and 1 < metrics["ppl"] < 512  # below the uniform PPL of the vocab
+    proto = metrics["protocol"]
+    assert proto == {"dataset": "wiki", "split": "test", "seqlen": 64, "windows": proto["windows"],
+                     "tokens": proto["windows"] * 64, "dtype": "float32", "model": "tiny", "sparsity": "dense"}
+    assert 1 <= proto["windows"] <= 16
+    stats = json.loads((repo / "artifacts" / "data" / "stats.json").read_text())
+    assert stats["train"]["articles"] + stats["test"]["articles"] == 400
+    assert "[evaluate dense] dense: PPL" in res.stdout  # the one-line stage summary
+    shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], repo).stdout
+    assert "ppl" in shown
+
+
+def test_second_repro_does_nothing(micro_repo):
+    repo, _ = micro_repo
+    res = run([str(BIN / "dvc"), "repro"], repo)
+    assert "Running stage" not in res.stdout, res.stdout
+    assert "didn't change, skipping" in res.stdout
+
+
+def test_changing_evaluate_seqlen_reruns_only_evaluation(micro_repo):
+    repo, _ = micro_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["evaluate"]["seqlen"] = 32
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    res = run([str(BIN / "dvc"), "repro"], repo)
+    ran = sorted(line.split("'")[1] for line in res.stdout.splitlines() if line.startswith("Running stage"))
+    assert ran and all(name.startswith("evaluate@") for name in ran), res.stdout
+    assert json.loads((repo / "metrics" / "dense.json").read_text())["protocol"]["seqlen"] == 32
