@@ -120,7 +120,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def find_prunable_layers(model: nn.Module, m: int | None = None) -> list[PrunableLayer]:
-    """Every nn.Linear / Conv1D inside the transformer blocks, in forward order.
+    """Every nn.Linear / Conv1D inside the transformer blocks, block by block in registration order.
 
     Embeddings and the LM head live outside the blocks and stay dense. With ``m`` given,
     a layer whose input width is not divisible by m raises an error naming it.

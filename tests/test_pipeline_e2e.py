@@ -38,3 +38,15 @@ def test_changing_evaluate_seqlen_reruns_only_evaluation(micro_repo):
     ran = sorted(line.split("'")[1] for line in res.stdout.splitlines() if line.startswith("Running stage"))
     assert ran and all(name.startswith("evaluate@") for name in ran), res.stdout
     assert json.loads((repo / "metrics" / "dense.json").read_text())["protocol"]["seqlen"] == 32
+
+
+def test_dense_evaluation_is_logged_to_mlflow(micro_repo):
+    import mlflow
+
+    repo, _ = micro_repo
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["tiny/wiki/2:4"], filter_string="tags.method = 'dense'")
+    assert len(runs) >= 1
+    run = runs.iloc[0]
+    assert math.isfinite(run["metrics.ppl"]) and run["params.seqlen"] in ("64", "32")
+    assert run["params.dataset"] == "wiki" and run["tags.DVC_STAGE"].startswith("evaluate@dense")

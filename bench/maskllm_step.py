@@ -1,0 +1,165 @@
+"""Cost of one MaskLLM step against one dense training step, same model, same batch.
+
+    .venv/bin/python bench/maskllm_step.py artifacts/dense --batch 1 --seqlen 256
+
+Time: both variants live in ONE process and their steps alternate (warm-up first), so
+load from other processes hits both alike; the median per step is reported.
+Peak memory: each variant runs alone in a subprocess (CPU: ru_maxrss, which includes the
+interpreter and the model; CUDA: torch.cuda.max_memory_allocated).
+Writes bench/results/maskllm_step.json.
+
+  dense step:   forward, CE, backward, clip 1.0, AdamW (all weights trainable), cosine lr step
+  MaskLLM step: sample every mask, forward, CE - lambda*||W*M||^2, backward to the logits,
+                clip 1.0, AdamW (logits only), cosine lr step  (pipeline.maskllm.train_step)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline import maskllm  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "maskllm_step.json"
+
+
+def load(args) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(args.device)
+    model.config.use_cache = False
+    return model.train()
+
+
+def dense_variant(args):
+    """A closure running one dense training step."""
+    model = load(args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1, fused=True)
+    lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=1000, eta_min=1e-6)
+
+    def step(input_ids, t):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        lr_schedule.step()
+    return step
+
+
+def maskllm_variant(args):
+    """A closure running one MaskLLM step (pipeline.maskllm.train_step)."""
+    model = load(args)
+    state = maskllm.MaskState(recompute=args.recompute)
+    masks = maskllm.attach_masks(model, args.n, args.m, state=state)
+    optimizer, lr_schedule = maskllm.make_optimizer(masks, lr=5e-4, steps=1000)
+    schedule = maskllm.Schedule(steps=1000)
+
+    def step(input_ids, t):
+        maskllm.train_step(model, masks, input_ids, optimizer, lr_schedule, schedule, t)
+    return step
+
+
+VARIANTS = {"dense": dense_variant, "maskllm": maskllm_variant}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def batch(args) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, 1000, (args.batch, args.seqlen), generator=gen).to(args.device)
+
+
+def time_both(args) -> dict[str, list[float]]:
+    """Alternate dense and MaskLLM steps in this process -> seconds per step of each."""
+    steps = {name: make(args) for name, make in VARIANTS.items()}
+    input_ids = batch(args)
+    times = {name: [] for name in steps}
+    for t in range(args.warmup + args.steps):
+        for name, step in steps.items():
+            sync(args.device)
+            start = time.perf_counter()
+            step(input_ids, t)
+            sync(args.device)
+            if t >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_child(args) -> None:
+    """Run one variant alone (in a subprocess) and print its peak memory in MiB as JSON."""
+    step = VARIANTS[args.variant](args)
+    input_ids = batch(args)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for t in range(2):  # the optimizer state appears at the first step; the peak by the second
+        step(input_ids, t)
+    if args.device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"peak_mib": peak}))
+
+
+def peak_memory(args, variant: str) -> float:
+    cmd = [sys.executable, __file__, args.model, "--variant", variant, "--device", args.device,
+           "--batch", str(args.batch), "--seqlen", str(args.seqlen), "--n", str(args.n), "--m", str(args.m),
+           "--recompute" if args.recompute else "--no-recompute"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", nargs="?", default="artifacts/dense", help="HF model dir")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--n", type=int, default=2)
+    ap.add_argument("--m", type=int, default=4)
+    ap.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+                    help="redraw y in backward instead of keeping it (MaskState.recompute)")
+    ap.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)  # subprocess mode
+    args = ap.parse_args()
+    if args.variant:
+        return peak_memory_child(args)
+
+    times = time_both(args)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    peak = {name: peak_memory(args, name) for name in VARIANTS}
+    result = {
+        "model": args.model, "device": args.device, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "machine": platform.machine(),
+        "batch": args.batch, "seqlen": args.seqlen, "n": args.n, "m": args.m, "recompute": args.recompute,
+        "steps": args.steps, "warmup": args.warmup,
+        "step_s": {name: ts for name, ts in times.items()},
+        "median_step_s": median, "peak_mib": peak,
+        "time_ratio": median["maskllm"] / median["dense"],
+        "memory_ratio": peak["maskllm"] / peak["dense"],
+        "memory_kind": "cuda max_memory_allocated" if args.device.startswith("cuda") else "ru_maxrss (whole process)",
+    }
+    print(f"{'variant':10s} {'median step (s)':>16s} {'peak (MiB)':>12s}")
+    for name in VARIANTS:
+        print(f"{name:10s} {median[name]:16.3f} {peak[name]:12.0f}")
+    print(f"{'ratio':10s} {result['time_ratio']:16.2f} {result['memory_ratio']:12.2f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

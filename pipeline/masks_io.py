@@ -1,0 +1,138 @@
+"""Masks on disk: safetensors (ours), packed ``.npz`` (the MaskLLM authors'), sparse HF checkpoints.
+
+A mask is keyed by its parameter name (``model.layers.0.mlp.up_proj.weight``) and shaped
+like the stored parameter (GPT-2 ``Conv1D``: ``[in, out]``). Every writer goes through a
+temporary path in the target directory and renames at the end, so a killed run leaves
+no half-written file.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+PACKED_SUFFIX = ".mask"  # the authors' npz keys: "<parameter name>.mask"
+
+
+def _atomic_file(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_masks(path: str | Path, masks: dict[str, torch.Tensor]) -> None:
+    """Write masks as uint8 safetensors: {parameter name: 0/1 tensor shaped like the parameter}."""
+    tensors = {name: mask.detach().to("cpu", torch.uint8).contiguous() for name, mask in sorted(masks.items())}
+    _atomic_file(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"format": "nm-masks"}))
+
+
+def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read masks written by ``save_masks`` -> {parameter name: bool tensor}."""
+    return {name: mask.bool() for name, mask in load_file(str(path)).items()}
+
+
+def _checked_params(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's tensors for every mask name; a missing or mis-shaped name raises, naming it."""
+    state = model.state_dict(keep_vars=True)
+    for name, mask in masks.items():
+        if name not in state:
+            raise ValueError(f"mask {name!r}: {type(model).__name__} has no parameter of that name")
+        if tuple(mask.shape) != tuple(state[name].shape):
+            raise ValueError(
+                f"mask {name!r}: shape {tuple(mask.shape)} does not match the parameter's {tuple(state[name].shape)}"
+            )
+    return {name: state[name] for name in masks}
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the pruned weights in place: ``W *= mask`` for every parameter name in ``masks``."""
+    for name, param in _checked_params(model, masks).items():
+        param.mul_(masks[name].to(param.device, param.dtype))
+
+
+def export_packed_npz(path: str | Path, masks: dict[str, torch.Tensor]) -> None:
+    """The authors' released format: ``np.savez_compressed`` of ``{name + ".mask": np.packbits(mask.flatten())}``.
+
+    Only the bits are stored, not the shapes: importing needs the model's parameter shapes.
+    """
+    arrays = {name + PACKED_SUFFIX: np.packbits(mask.detach().cpu().bool().numpy().ravel()) for name, mask in masks.items()}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: savez would append ".npz" to a bare path
+            np.savez_compressed(f, **arrays)
+
+    _atomic_file(Path(path), write)
+
+
+def import_packed_npz(path: str | Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Read an authors'-format ``.npz``; ``shapes`` = {parameter name: shape}, e.g. from ``model.state_dict()``."""
+    masks = {}
+    with np.load(path) as packed:
+        for key in packed.files:
+            name = key[: -len(PACKED_SUFFIX)] if key.endswith(PACKED_SUFFIX) else key
+            if name not in shapes:
+                raise ValueError(f"{path}: mask {key!r} names no parameter of the model")
+            shape = tuple(shapes[name])
+            bits = packed[key]
+            if bits.size != math.ceil(math.prod(shape) / 8):
+                raise ValueError(f"{path}: mask {key!r} holds {bits.size} bytes, not the packed size of shape {shape}")
+            masks[name] = torch.from_numpy(np.unpackbits(bits, count=math.prod(shape)).reshape(shape).astype(bool))
+    return masks
+
+
+@torch.no_grad()
+def export_sparse_checkpoint(model: nn.Module, masks: dict[str, torch.Tensor], out_dir: str | Path, tokenizer=None) -> None:
+    """``save_pretrained`` with the pruned weights zeroed (the model itself is left untouched)."""
+    out_dir = Path(out_dir)
+    params = _checked_params(model, masks)
+    state = model.state_dict()
+    for name, param in params.items():
+        state[name] = param.detach() * masks[name].to(param.device, param.dtype)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
+        model.save_pretrained(tmp, state_dict=state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out_dir.exists():  # replace an old export: move it aside first, delete it last
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_weights(path: str | Path, weights: dict[str, torch.Tensor]) -> None:
+    """Updated weights (SparseGPT's OBS update) as safetensors keyed by parameter name."""
+    tensors = {name: w.detach().to("cpu").contiguous() for name, w in sorted(weights.items())}
+    _atomic_file(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"format": "weights"}))
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Copy saved weights into the model's parameters of the same names (checked)."""
+    weights = load_file(str(path))
+    for name, param in _checked_params(model, weights).items():
+        param.copy_(weights[name].to(param.device, param.dtype))

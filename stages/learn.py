@@ -1,0 +1,68 @@
+"""DVC stage `learn`: MaskLLM mask logits on the frozen dense model (also under torchrun, DDP).
+
+    python -m stages.learn                                  # one process
+    torchrun --nproc_per_node 8 -m stages.learn             # data-parallel over learn.batch_size
+"""
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from pipeline.data import load_tokens
+from pipeline.io import atomic_dir, write_json
+from pipeline.learn import Checkpoint, Dist, fingerprint, learn_masks, write_curve
+from pipeline.masks_io import load_masks
+from pipeline.modeling import default_device, load_model
+from pipeline.stage import run_stage
+from pipeline.tracking import experiment_name, start_run
+
+DATA, DENSE, PRIOR = Path("artifacts/data"), Path("artifacts/dense"), Path("artifacts/prior")
+OUT, CKPT = Path("artifacts/learn"), Path("artifacts/learn_ckpt")
+
+
+def main(params):
+    cfg, sp = params.learn, params.sparsity
+    d = Dist.from_env()
+    device = default_device()
+    if device == "cuda" and d.world > 1:
+        import torch
+
+        device = f"cuda:{d.rank % torch.cuda.device_count()}"
+    model = load_model(DENSE, "float32", device)
+    prior_file = None if cfg.prior == "none" or cfg.prior_strength == 0 else PRIOR / cfg.prior / "mask.safetensors"
+    priors = load_masks(prior_file) if prior_file else None
+    train = load_tokens(DATA / "train.npy")
+    ckpt = Checkpoint(CKPT, fingerprint(cfg, sp, prior_file, extra=f"world={d.world}"))
+
+    def run(log):
+        return learn_masks(model, priors, train, cfg, sp, ckpt, log=log, d=d)
+
+    if d.main:
+        import mlflow
+
+        dataset = (DATA / "stats.json").read_text()
+        exp = experiment_name(params.model.source, __import__("json").loads(dataset)["source"], sp.n, sp.m)
+        with start_run(exp, "maskllm-learn", tags={"method": "maskllm", "stage": "learn"}):
+            mlflow.log_params({f"learn.{k}": v for k, v in cfg.model_dump().items()} | {"world_size": d.world})
+            result = run(lambda metrics, step: mlflow.log_metrics(
+                {k: v for k, v in metrics.items() if k != "step"}, step=step))
+    else:
+        result = run(None)
+    d.barrier()
+    if not d.main:
+        return "rank done"
+    with atomic_dir(OUT) as tmp:
+        save_file(result.masks.logits_state_dict(), tmp / "logits.safetensors")
+        write_json(tmp / "info.json", {"steps": cfg.steps, "prior": cfg.prior, "world_size": d.world,
+                                       "resumed_from": result.resumed_from})
+    write_curve(Path("plots/learn_curve.csv"), result.curve)
+    last = result.curve[-1]
+    write_json(Path("metrics/learn.json"), {"final_ce": last["ce"], "final_flip_rate": last["flip_rate"],
+                                            "prior_agreement": last.get("prior_agreement", float("nan")),
+                                            "seconds": result.seconds, "steps": cfg.steps})
+    ckpt.clear()  # finished: the next run of these params is a DVC cache hit, not a resume
+    return (f"{cfg.steps} steps ({'resumed at ' + str(result.resumed_from) if result.resumed_from else 'fresh'}), "
+            f"final CE {last['ce']:.3f}, flip rate {last['flip_rate']:.4f}, {result.seconds / max(1, cfg.steps - result.resumed_from):.2f} s/step")
+
+
+if __name__ == "__main__":
+    run_stage("learn", main)

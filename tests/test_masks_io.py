@@ -1,0 +1,105 @@
+"""Mask files: safetensors and packed-npz round trips, applying masks, sparse HF checkpoints."""
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from pipeline.magnitude import magnitude_mask
+from pipeline.masks_io import (
+    apply_masks,
+    export_packed_npz,
+    export_sparse_checkpoint,
+    import_packed_npz,
+    load_masks,
+    save_masks,
+)
+from pipeline.nm import find_prunable_layers
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256,
+    )).eval()
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64, bos_token_id=0, eos_token_id=0,
+    )).eval()
+
+
+def magnitude_masks(model):
+    """2:4 masks of every prunable layer, shaped like the stored parameter."""
+    masks = {}
+    for layer in find_prunable_layers(model, 4):
+        mask = magnitude_mask(layer.weight(), 2, 4)
+        masks[layer.param_name] = mask.t().contiguous() if layer.transposed else mask
+    return masks
+
+
+def test_safetensors_round_trip(tmp_path):
+    masks = magnitude_masks(tiny_llama())
+    path = tmp_path / "sub" / "masks.safetensors"
+    save_masks(path, masks)
+    loaded = load_masks(path)
+    assert loaded.keys() == masks.keys()
+    assert all(loaded[k].dtype == torch.bool and torch.equal(loaded[k], masks[k]) for k in masks)
+    assert os.listdir(path.parent) == ["masks.safetensors"]  # no temporary file left behind
+
+
+def test_packed_npz_round_trip_in_the_authors_format(tmp_path):
+    model = tiny_gpt2()
+    masks = magnitude_masks(model)
+    path = tmp_path / "mask_compressed.npz"
+    export_packed_npz(path, masks)
+    with np.load(path) as raw:  # keys "<param>.mask", values np.packbits of the flattened mask
+        name = "transformer.h.0.attn.c_attn.weight"
+        assert raw[name + ".mask"].dtype == np.uint8
+        assert np.array_equal(np.unpackbits(raw[name + ".mask"]).reshape(64, 192), masks[name].numpy())
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    loaded = import_packed_npz(path, shapes)
+    assert loaded.keys() == masks.keys() and all(torch.equal(loaded[k], masks[k]) for k in masks)
+    with pytest.raises(ValueError, match="names no parameter"):
+        import_packed_npz(path, {"x.weight": (4, 4)})
+    with pytest.raises(ValueError, match="not the packed size"):
+        import_packed_npz(path, {**shapes, name: (64, 64)})
+
+
+def test_apply_masks_checks_names_and_shapes():
+    model = tiny_llama()
+    masks = magnitude_masks(model)
+    name = "model.layers.1.mlp.down_proj.weight"
+    before = model.state_dict()[name].clone()
+    apply_masks(model, masks)
+    after = model.state_dict()[name]
+    assert torch.equal(after, before * masks[name])
+    with pytest.raises(ValueError, match=r"'model\.layers\.9\.mlp\.up_proj\.weight': .* no parameter"):
+        apply_masks(model, {"model.layers.9.mlp.up_proj.weight": masks[name]})
+    with pytest.raises(ValueError, match=rf"'{name}': shape \(128, 64\) does not match"):
+        apply_masks(model, {name: masks[name].t()})
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_sparse_checkpoint_reloads_with_identical_logits(tmp_path, build):
+    model = build()
+    masks = magnitude_masks(model)
+    out = tmp_path / "sparse"
+    export_sparse_checkpoint(model, masks, out)
+    assert torch.count_nonzero(model.state_dict()[next(iter(masks))]) == masks[next(iter(masks))].numel()  # untouched
+    masked = copy.deepcopy(model)
+    apply_masks(masked, masks)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = masked(tokens).logits, reloaded(tokens).logits
+    assert torch.equal(want, got)
+    for name, mask in masks.items():
+        assert (reloaded.state_dict()[name][~mask] == 0).all()
+    export_sparse_checkpoint(model, masks, out)  # overwriting an export works
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sparse"]
