@@ -34,8 +34,6 @@ def run(cmd, cwd, check=True, env=None, timeout=600):
 
 def copy_repo(dest: Path, overrides: dict | None = None) -> Path:
     """A fresh git+DVC copy of the tracked project files, params overridden (dotted keys)."""
-    from pipeline.profile import apply_overrides
-
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     for f in files:
@@ -44,8 +42,7 @@ def copy_repo(dest: Path, overrides: dict | None = None) -> Path:
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, dest / f)
     if overrides:
-        raw = yaml.safe_load((dest / "params.yaml").read_text())
-        (dest / "params.yaml").write_text(yaml.safe_dump(apply_overrides(raw, overrides), sort_keys=False))
+        set_params(dest, overrides)
     run(["git", "init", "-q", "-b", "main"], dest)
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-qm", "copy"], dest)
@@ -58,9 +55,24 @@ def micro_overrides(**extra) -> dict:
     return {**load_profile("micro"), **extra}
 
 
+def set_params(repo: Path, overrides: dict) -> None:
+    from pipeline.profile import apply_overrides
+
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(apply_overrides(raw, overrides), sort_keys=False))
+
+
 @pytest.fixture(scope="session")
-def micro_repo(tmp_path_factory):
-    """The micro profile's pipeline reproduced once in a temporary copy (shared by e2e tests)."""
-    repo = copy_repo(tmp_path_factory.mktemp("micro"), micro_overrides())
+def micro_base(tmp_path_factory):
+    """The micro profile's whole pipeline reproduced once; tests work on copies of it."""
+    repo = copy_repo(tmp_path_factory.mktemp("micro") / "repo", micro_overrides())
     res = run([str(BIN / "dvc"), "repro"], repo)
     return repo, res
+
+
+@pytest.fixture
+def micro_copy(micro_base, tmp_path):
+    """A private copy of the reproduced micro repository (git, DVC cache, outputs and all)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(micro_base[0], repo, symlinks=True)
+    return repo

@@ -2,9 +2,16 @@
 import json
 import math
 
-import yaml
 
-from tests.conftest import BIN, run
+import pytest
+
+from pipeline.rows import ROWS
+from tests.conftest import BIN, run, set_params
+
+
+@pytest.fixture(scope="module")
+def micro_repo(micro_base):
+    return micro_base
 
 
 def test_repro_writes_finite_metrics_with_protocol(micro_repo):
@@ -29,15 +36,23 @@ def test_second_repro_does_nothing(micro_repo):
     assert "didn't change, skipping" in res.stdout
 
 
-def test_changing_evaluate_seqlen_reruns_only_evaluation(micro_repo):
-    repo, _ = micro_repo
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["evaluate"]["seqlen"] = 32
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    res = run([str(BIN / "dvc"), "repro"], repo)
-    ran = sorted(line.split("'")[1] for line in res.stdout.splitlines() if line.startswith("Running stage"))
-    assert ran and all(name.startswith("evaluate@") for name in ran), res.stdout
-    assert json.loads((repo / "metrics" / "dense.json").read_text())["protocol"]["seqlen"] == 32
+def stages_run(stdout: str) -> list[str]:
+    return sorted(line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage"))
+
+
+def test_changing_evaluate_seqlen_reruns_only_evaluation(micro_copy):
+    set_params(micro_copy, {"evaluate.seqlen": 32})
+    res = run([str(BIN / "dvc"), "repro"], micro_copy)
+    ran = stages_run(res.stdout)
+    assert ran == sorted(f"evaluate@{row}" for row in ROWS), res.stdout
+    assert json.loads((micro_copy / "metrics" / "dense.json").read_text())["protocol"]["seqlen"] == 32
+
+
+def test_learn_ablation_reruns_only_the_maskllm_branch(micro_copy):
+    run(["git", "add", "-A"], micro_copy)
+    run(["git", "commit", "-qm", "reproduced"], micro_copy)
+    res = run([str(BIN / "dvc"), "exp", "run", "-S", "learn.tau=2"], micro_copy)
+    assert stages_run(res.stdout) == ["evaluate@maskllm", "harden", "learn"], res.stdout
 
 
 def test_dense_evaluation_is_logged_to_mlflow(micro_repo):
