@@ -46,9 +46,9 @@ def dense_variant(args):
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1, fused=True)
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=1000, eta_min=1e-6)
 
-    def step(input_ids, t):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
+    def step(input_ids, t):  # the same order as maskllm.train_step
         optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -82,20 +82,24 @@ def batch(args) -> torch.Tensor:
     return torch.randint(0, 1000, (args.batch, args.seqlen), generator=gen).to(args.device)
 
 
-def time_both(args) -> dict[str, list[float]]:
-    """Alternate dense and MaskLLM steps in this process -> seconds per step of each."""
+def time_both(args) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Alternate dense and MaskLLM steps in this process -> wall and CPU seconds per step of each.
+
+    CPU seconds (all threads of this process) are the steadier figure on a shared machine.
+    """
     steps = {name: make(args) for name, make in VARIANTS.items()}
     input_ids = batch(args)
-    times = {name: [] for name in steps}
+    wall, cpu = {name: [] for name in steps}, {name: [] for name in steps}
     for t in range(args.warmup + args.steps):
         for name, step in steps.items():
             sync(args.device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step(input_ids, t)
             sync(args.device)
             if t >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def peak_memory_child(args) -> None:
@@ -109,8 +113,20 @@ def peak_memory_child(args) -> None:
     if args.device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak = peak_rss_mib()
     print(json.dumps({"peak_mib": peak}))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
+    from the parent through fork + exec, so a child of a big parent would report the parent's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def peak_memory(args, variant: str) -> float:
@@ -138,24 +154,26 @@ def main() -> None:
     if args.variant:
         return peak_memory_child(args)
 
-    times = time_both(args)
-    median = {name: statistics.median(ts) for name, ts in times.items()}
-    peak = {name: peak_memory(args, name) for name in VARIANTS}
+    peak = {name: peak_memory(args, name) for name in VARIANTS}  # first, while this process is small
+    wall, cpu = time_both(args)
+    median = {name: statistics.median(ts) for name, ts in wall.items()}
+    median_cpu = {name: statistics.median(ts) for name, ts in cpu.items()}
     result = {
         "model": args.model, "device": args.device, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "machine": platform.machine(),
         "batch": args.batch, "seqlen": args.seqlen, "n": args.n, "m": args.m, "recompute": args.recompute,
         "steps": args.steps, "warmup": args.warmup,
-        "step_s": {name: ts for name, ts in times.items()},
-        "median_step_s": median, "peak_mib": peak,
+        "step_s": wall, "step_cpu_s": cpu,
+        "median_step_s": median, "median_step_cpu_s": median_cpu, "peak_mib": peak,
         "time_ratio": median["maskllm"] / median["dense"],
+        "cpu_time_ratio": median_cpu["maskllm"] / median_cpu["dense"],
         "memory_ratio": peak["maskllm"] / peak["dense"],
         "memory_kind": "cuda max_memory_allocated" if args.device.startswith("cuda") else "ru_maxrss (whole process)",
     }
-    print(f"{'variant':10s} {'median step (s)':>16s} {'peak (MiB)':>12s}")
+    print(f"{'variant':10s} {'median step (s)':>16s} {'CPU s/step':>11s} {'peak (MiB)':>11s}")
     for name in VARIANTS:
-        print(f"{name:10s} {median[name]:16.3f} {peak[name]:12.0f}")
-    print(f"{'ratio':10s} {result['time_ratio']:16.2f} {result['memory_ratio']:12.2f}")
+        print(f"{name:10s} {median[name]:16.3f} {median_cpu[name]:11.3f} {peak[name]:11.0f}")
+    print(f"{'ratio':10s} {result['time_ratio']:16.2f} {result['cpu_time_ratio']:11.2f} {result['memory_ratio']:11.2f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS}")

@@ -14,7 +14,6 @@ never re-run per block.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -141,6 +140,7 @@ def observe_block(
     """
     owner: dict[str, str] = {}  # layer name -> name of the first layer with the same input
     stats: dict[str, InputStats] = {}
+    first_inputs: dict[str, torch.Tensor] = {}  # first batch only: who received which tensor
     seen: set[str] = set()  # layers whose input this batch has reached
 
     def hook_for(layer: PrunableLayer):
@@ -159,7 +159,6 @@ def observe_block(
                 raise _StopForward
         return hook
 
-    first_inputs: dict[str, torch.Tensor] = {}
     handles = [layer.module.register_forward_pre_hook(hook_for(layer)) for layer in layers]
     try:
         for call in calls:
@@ -168,7 +167,7 @@ def observe_block(
                 block(call.hidden, *call.args, **call.kwargs)
             except _StopForward:
                 pass
-            first_inputs.clear()  # holds tensors of the first batch only
+            first_inputs.clear()
     finally:
         for handle in handles:
             handle.remove()

@@ -77,7 +77,7 @@ Method = Literal["magnitude", "wanda", "sparsegpt"]
 
 class Prior(Section):
     methods: list[Method] = ["magnitude", "wanda", "sparsegpt"]
-    nsamples: int = Field(128, ge=1)
+    nsamples: int = Field(64, ge=1)
     seqlen: int = Field(512, ge=8)
     seed: int = 0
     percdamp: float = Field(0.01, gt=0, lt=1)

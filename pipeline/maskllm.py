@@ -81,8 +81,11 @@ def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None = Non
 
 def sample_candidate_weights(logits: torch.Tensor, temperature: float, logit_scale: float,
                              noise: torch.Tensor) -> torch.Tensor:
-    """y_g = softmax((kappa * pi_g + G_g) / tau) over the candidates: ``[G, C]`` -> ``[G, C]``."""
-    z = (logit_scale * logits + noise) / temperature
+    """y_g = softmax((kappa * pi_g + G_g) / tau) over the candidates: ``[G, C]`` -> ``[G, C]``.
+
+    ``noise`` (G, same shape) is consumed: z is built in its buffer (saves two passes and a copy).
+    """
+    z = noise.add_(logits, alpha=logit_scale).div_(temperature)
     # softmax along dim 0 of the [C, G] view: same values, contiguous rows (module note)
     return torch.softmax(z.t(), dim=0).t()
 
@@ -174,8 +177,11 @@ class _SoftMaskedWeight(torch.autograd.Function):
         weight, saved, candidates = ctx.saved_tensors
         temperature, logit_scale, seed = ctx.args
         y = _draw(saved, temperature, logit_scale, seed) if ctx.recompute else saved
-        d_mask = (grad * weight).reshape(-1, candidates.shape[1]).float()  # dL/dM = dL/d(W*M) * W
-        d_y = candidates @ d_mask.t()  # [C, G]; dM_g/dy_gi = s_i
+        m = candidates.shape[1]
+        # dL/dM = dL/d(W*M) * W, written [M, G] so that the matmul below reads contiguous rows
+        d_mask = torch.empty(m, y.shape[0], device=grad.device)
+        torch.mul(grad.reshape(-1, m).t(), weight.reshape(-1, m).t(), out=d_mask)
+        d_y = candidates @ d_mask  # [C, G]; dM_g/dy_gi = s_i
         # softmax backward along the candidates, dz = y * (dy - <y, dy>), in the [C, G] layout
         d_z = torch._softmax_backward_data(d_y, y.t(), 0, torch.float32)
         d_logits = d_z.mul_(logit_scale / temperature).t()  # z = (kappa * pi + G) / tau
@@ -364,15 +370,16 @@ def train_step(model: nn.Module, masks: MaskSet, input_ids: torch.Tensor, optimi
                lr_schedule, schedule: Schedule, t: int, grad_clip: float = 1.0) -> dict[str, float]:
     """One MaskLLM step on ``input_ids`` [B, T]: sample, CE - lambda*||W*M||^2, backward, clip, AdamW."""
     reg_weight = masks.set_step(schedule, t)
+    optimizer.zero_grad(set_to_none=True)  # before the forward: old grads and activations never coexist
     with parametrize.cached():  # one sample per layer per step, however often .weight is read
         ce = model(input_ids=input_ids, labels=input_ids).loss
     reg = masks.regularizer(reg_weight)
     loss = ce + reg
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(masks.parameters(), grad_clip)
     optimizer.step()
     lr_schedule.step()
-    return {"loss": float(loss), "ce": float(ce), "regularizer": float(reg), "grad_norm": float(grad_norm),
+    return {"loss": float(loss.detach()), "ce": float(ce.detach()), "regularizer": float(reg.detach()),
+            "grad_norm": float(grad_norm),
             "temperature": masks.state.temperature, "logit_scale": masks.state.logit_scale,
             "reg_weight": reg_weight, "lr": optimizer.param_groups[0]["lr"]}

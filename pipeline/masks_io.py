@@ -71,7 +71,9 @@ def export_packed_npz(path: str | Path, masks: dict[str, torch.Tensor]) -> None:
 
     Only the bits are stored, not the shapes: importing needs the model's parameter shapes.
     """
-    arrays = {name + PACKED_SUFFIX: np.packbits(mask.detach().cpu().bool().numpy().ravel()) for name, mask in masks.items()}
+    arrays = {
+        name + PACKED_SUFFIX: np.packbits(mask.detach().cpu().bool().numpy().ravel()) for name, mask in masks.items()
+    }
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:  # a file object: savez would append ".npz" to a bare path
@@ -97,7 +99,9 @@ def import_packed_npz(path: str | Path, shapes: dict[str, tuple[int, ...]]) -> d
 
 
 @torch.no_grad()
-def export_sparse_checkpoint(model: nn.Module, masks: dict[str, torch.Tensor], out_dir: str | Path, tokenizer=None) -> None:
+def export_sparse_checkpoint(
+    model: nn.Module, masks: dict[str, torch.Tensor], out_dir: str | Path, tokenizer=None
+) -> None:
     """``save_pretrained`` with the pruned weights zeroed (the model itself is left untouched)."""
     out_dir = Path(out_dir)
     params = _checked_params(model, masks)

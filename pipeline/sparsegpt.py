@@ -9,8 +9,9 @@ moves the weights of the later columns by the OBS update
     W[:, j:] -= (w_j - q_j) / U_jj * U[j, j:]        (q_j = w_j masked)
 
 which is sequential elimination of ``H^-1`` written with the rows of its Cholesky factor.
-The update is applied lazily: to the rest of the group column by column, to the rest of
-the ``blocksize`` block once per group, to the remaining columns once per block.
+The updates are applied lazily: inside a group column by column; to a group, from the
+earlier columns of its ``blocksize`` block, when the sweep reaches it; to the columns
+after a block, once per block (one matmul).
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from pipeline.nm import NMError, check_pattern, topn_mask
 
 @contextmanager
 def one_thread():
-    """Run CPU work on one thread: a chain of small dependent ops gains nothing from
-    OpenMP and, on a busy machine, stalls at every fork/join (measured: 10-30x slower)."""
+    """Run the enclosed CPU work on one thread (the setting is restored afterwards)."""
+    # the sweep is a chain of small dependent ops: an OpenMP fork/join per op costs more
+    # than it saves and, on a busy machine, stalls (measured 10-30x slower on 2 threads)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -46,28 +48,33 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tup
 def obs_sweep(
     weight: torch.Tensor, U: torch.Tensor, n: int, m: int, blocksize: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The N:M column sweep: weight [out, in], U [in, in] -> (keep bool [out, in], new weight float32 [out, in])."""
-    W = weight.detach().float().clone()
-    out, cols = W.shape
-    keep = torch.zeros(out, cols, dtype=torch.bool, device=W.device)
+    """The N:M column sweep: weight [out, in], U [in, in] -> (keep bool [out, in], new weight float32 [out, in]).
+
+    Works on ``W^T`` so that the columns it sweeps one by one are contiguous in memory.
+    """
+    WT = weight.detach().float().t().contiguous()  # [in, out]: row j of WT is column j of W
+    cols = WT.shape[0]
+    keepT = torch.zeros_like(WT, dtype=torch.bool)
+    d = U.diagonal()
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]  # W1 is a view: updates land in W
+        W1, U1 = WT[i1:i2], U[i1:i2, i1:i2]  # W1 is a view: updates land in WT
         Err1 = torch.zeros_like(W1)  # (w_j - q_j) / U_jj of every column of the block
         for g1 in range(0, i2 - i1, m):
             g2 = g1 + m
-            d = U1.diagonal()[g1:g2]
-            keep_g = topn_mask(W1[:, g1:g2].square() / d.square(), n, m)  # N best per row
-            keep[:, i1 + g1 : i1 + g2] = keep_g
-            prune_over_d = (~keep_g).float() / d
+            # the OBS updates of the block's earlier columns, applied when the group is reached
+            W1[g1:g2].addmm_(U1[:g1, g1:g2].t(), Err1[:g1], alpha=-1)
+            d_g = d[i1 + g1 : i1 + g2, None]
+            keep_g = topn_mask((W1[g1:g2].square() / d_g.square()).t(), n, m).t()  # N best per row of W
+            keepT[i1 + g1 : i1 + g2] = keep_g
+            prune_over_d = ~keep_g / d_g
             for j in range(g1, g2):
-                err = W1[:, j] * prune_over_d[:, j - g1]
-                W1[:, j:g2].addr_(err, U1[j, j:g2], alpha=-1)  # column j becomes q_j
-                Err1[:, j] = err
-            W1[:, g2:].addmm_(Err1[:, g1:g2], U1[g1:g2, g2:], alpha=-1)
-        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
-    W.mul_(keep)  # pruned weights exactly zero, not zero up to rounding
-    return keep, W
+                Err1[j] = W1[j] * prune_over_d[j - g1]
+                # column j itself would become q_j: left as is, the final W * keep does it
+                W1[j + 1 : g2].addr_(U1[j, j + 1 : g2], Err1[j], alpha=-1)
+        WT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
+    WT.mul_(keepT)  # pruned weights exactly zero, not zero up to rounding
+    return keepT.t().contiguous(), WT.t().contiguous()
 
 
 def sparsegpt_prune(
@@ -77,19 +84,14 @@ def sparsegpt_prune(
     m: int,
     percdamp: float = 0.01,
     blocksize: int = 128,
-    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseGPT N:M (N kept): weight [out, in], H [in, in] -> (mask bool [out, in], new weight float32 [out, in]).
-
-    ``factor``: ``inverse_hessian_factor(hessian, percdamp)`` if already computed (layers
-    fed the same input, like q/k/v, share it).
-    """
+    """SparseGPT N:M (N kept): weight [out, in], H [in, in] -> (mask bool [out, in], new weight float32 [out, in])."""
     check_pattern(n, m)
     check_blocksize(blocksize, m)
     if weight.shape[1] % m:
         raise NMError(f"sparsegpt: input width {weight.shape[1]} is not divisible by m={m}")
     with one_thread():
-        U, dead = factor if factor is not None else inverse_hessian_factor(hessian, percdamp)
+        U, dead = inverse_hessian_factor(hessian, percdamp)
         weight = weight.detach().float().masked_fill(dead[None, :], 0)
         return obs_sweep(weight, U, n, m, blocksize)
 

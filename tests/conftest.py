@@ -19,13 +19,16 @@ def repo_env(**extra) -> dict:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"})
+                "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
+                # The micro model is too small to gain from intra-op threads; one thread per
+                # process avoids oversubscription when several tools share the 2 cores.
+                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     env.pop("MLFLOW_TRACKING_URI", None)
     env.update(extra)
     return env
 
 
-def run(cmd, cwd, check=True, env=None, timeout=600):
+def run(cmd, cwd, check=True, env=None, timeout=1500):
     res = subprocess.run(cmd, cwd=cwd, env=env or repo_env(), capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
         raise AssertionError(f"{cmd} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")

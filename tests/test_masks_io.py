@@ -14,9 +14,19 @@ from pipeline.masks_io import (
     export_sparse_checkpoint,
     import_packed_npz,
     load_masks,
+    load_weights,
     save_masks,
+    save_weights,
 )
 from pipeline.nm import find_prunable_layers
+from pipeline.sparsegpt import one_thread
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: OpenMP fork/join costs more than it saves, and stalls on a busy machine."""
+    with one_thread():
+        yield
 
 
 def tiny_llama():
@@ -69,6 +79,19 @@ def test_packed_npz_round_trip_in_the_authors_format(tmp_path):
         import_packed_npz(path, {"x.weight": (4, 4)})
     with pytest.raises(ValueError, match="not the packed size"):
         import_packed_npz(path, {**shapes, name: (64, 64)})
+
+
+def test_weights_round_trip(tmp_path):
+    source, target = tiny_llama(), tiny_llama()
+    name = "model.layers.0.mlp.up_proj.weight"
+    with torch.no_grad():
+        source.state_dict()[name].mul_(2)
+    save_weights(tmp_path / "w.safetensors", {name: source.state_dict()[name]})
+    load_weights(target, tmp_path / "w.safetensors")
+    assert torch.equal(target.state_dict()[name], source.state_dict()[name])
+    save_weights(tmp_path / "bad.safetensors", {"lm_head.bias": torch.zeros(3)})
+    with pytest.raises(ValueError, match="'lm_head.bias'"):
+        load_weights(target, tmp_path / "bad.safetensors")
 
 
 def test_apply_masks_checks_names_and_shapes():

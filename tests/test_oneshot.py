@@ -5,14 +5,31 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from pipeline.calibration import InputStats, calibration_windows, capture_block_inputs, observe_block
 from pipeline.magnitude import magnitude_mask
 from pipeline.nm import NMError, find_blocks, find_prunable_layers, is_nm
 from pipeline.oneshot import prune_oneshot
-from pipeline.sparsegpt import sparsegpt_prune
+from pipeline.sparsegpt import one_thread, sparsegpt_prune
 from pipeline.wanda import wanda_mask
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: OpenMP fork/join costs more than it saves, and stalls on a busy machine."""
+    with one_thread():
+        yield
+
 
 W8 = torch.tensor([
     [1.0, -4.0, 3.0, 2.0, -8.0, 5.0, -6.0, 7.0],
@@ -138,6 +155,23 @@ def test_prune_oneshot_end_to_end(build, method):
     for name, param in state.items():  # embeddings, norms, head: untouched
         if name not in result.masks:
             assert torch.equal(param, dense.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("model", [
+    OPTForCausalLM(OPTConfig(
+        hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+        word_embed_proj_dim=64, max_position_embeddings=64,
+    )),
+    Qwen2ForCausalLM(Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256,
+    )),
+], ids=["opt", "qwen2"])
+def test_prune_oneshot_other_architectures(model):
+    result = prune_oneshot(model.eval(), "sparsegpt", calib_tokens(), 2, 4, batch_size=4, progress=False)
+    assert set(result.masks) == {layer.param_name for layer in find_prunable_layers(model)}
+    assert all(is_nm(mask, 2, 4) for mask in result.masks.values())
+    assert max(result.errors.values()) < 1
 
 
 def test_magnitude_needs_no_calibration():

@@ -65,3 +65,18 @@ def test_dense_evaluation_is_logged_to_mlflow(micro_repo):
     run = runs.iloc[0]
     assert math.isfinite(run["metrics.ppl"]) and run["params.seqlen"] in ("64", "32")
     assert run["params.dataset"] == "wiki" and run["tags.DVC_STAGE"].startswith("evaluate@dense")
+
+
+def test_every_row_and_the_plots_are_produced(micro_repo):
+    repo, res = micro_repo
+    ppl = {row: json.loads((repo / "metrics" / f"{row}.json").read_text())["ppl"] for row in ROWS}
+    assert all(math.isfinite(v) for v in ppl.values()), ppl
+    # Even the micro model is hurt by magnitude pruning at 2:4.
+    assert ppl["magnitude"] > ppl["dense"], ppl
+    for name in ("ppl.png", "learn_curves.png", "agreement.png"):
+        data = (repo / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    shown = run([str(BIN / "dvc"), "plots", "show", "--json"], repo)
+    assert "learn_curve.csv" in shown.stdout and "ppl.csv" in shown.stdout
+    harden = json.loads((repo / "artifacts" / "harden" / "stats.json").read_text())
+    assert len(harden["layers"]) == 14 and 0.5 < harden["mean"]["sparsegpt"]["agreement"] <= 1.0

@@ -6,8 +6,15 @@ from pipeline.calibration import InputStats
 from pipeline.magnitude import magnitude_mask
 from pipeline.nm import NMError, is_nm
 from pipeline.oneshot import relative_error
-from pipeline.sparsegpt import inverse_hessian_factor, sparsegpt_prune
+from pipeline.sparsegpt import inverse_hessian_factor, one_thread, sparsegpt_prune
 from pipeline.wanda import wanda_mask
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: OpenMP fork/join costs more than it saves, and stalls on a busy machine."""
+    with one_thread():
+        yield
 
 
 def textbook_sparsegpt(W, H, n, m, percdamp=0.01):

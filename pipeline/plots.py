@@ -1,0 +1,85 @@
+"""Figures a researcher would put in a paper (PNG) and the tables behind them (DVC plots)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: stages run headless
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pipeline.io import atomic_path  # noqa: E402
+
+LABELS = {"dense": "dense", "magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT",
+          "sparsegpt_maskonly": "SparseGPT mask only", "maskllm": "MaskLLM"}
+COLORS = {"maskllm": "#c0392b", "sparsegpt": "#2c3e50", "sparsegpt_maskonly": "#7f8c8d",
+          "wanda": "#2980b9", "magnitude": "#95a5a6"}
+
+
+def _save(fig, path: Path, dpi: int) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def ppl_bars(ppl: dict[str, float], protocol: dict, path: Path, dpi: int = 150) -> None:
+    """PPL per method on a log axis, the dense model as a reference line."""
+    rows = [r for r in LABELS if r in ppl and r != "dense"]
+    fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(rows) + 1.4))
+    vals = [ppl[r] for r in rows]
+    ax.barh([LABELS[r] for r in rows], vals, color=[COLORS.get(r, "#888") for r in rows])
+    for y, v in enumerate(vals):
+        ax.text(v, y, f" {v:.1f}", va="center", fontsize=9)
+    if "dense" in ppl:
+        ax.axvline(ppl["dense"], color="k", ls="--", lw=1)
+        ax.text(ppl["dense"], len(rows) - 0.45, f" dense {ppl['dense']:.1f}", fontsize=9)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("test perplexity (log scale, lower is better)")
+    ax.set_title(f"{protocol.get('model', '')} {protocol.get('sparsity', '')} on {protocol.get('dataset', '')} "
+                 f"(seqlen {protocol.get('seqlen')}, {protocol.get('windows')} windows)", fontsize=10)
+    everything = vals + ([ppl["dense"]] if "dense" in ppl else [])
+    # log axis: bars need an explicit left edge (they start at 0 otherwise, off the axis)
+    ax.set_xlim(left=min(everything) / 1.5, right=max(everything) * 3)
+    _save(fig, path, dpi)
+
+
+def learn_curves(curve: list[dict], path: Path, dpi: int = 150) -> None:
+    """Loss, temperature/logit scale, flip rate and confidence against steps."""
+    steps = [r["step"] for r in curve]
+    panels = [("ce", "LM loss (CE)", False), ("temperature", "temperature τ", False),
+              ("logit_scale", "logit scale κ", False), ("flip_rate", "mask flip rate", True),
+              ("confidence", "mean max probability", False), ("prior_agreement", "agreement with prior", False)]
+    panels = [p for p in panels if any(k in r and r[k] != "" for r in curve for k in [p[0]])]
+    cols = 3
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    for ax, (key, title, log) in zip(axes.flat, panels):
+        ys = [float(r[key]) if r.get(key, "") != "" else float("nan") for r in curve]
+        ax.plot(steps, ys, color="#c0392b", lw=1.5)
+        if log and all(y > 0 for y in ys if y == y):
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    _save(fig, path, dpi)
+
+
+def layer_agreement(stats: dict, path: Path, dpi: int = 150) -> None:
+    """Per-layer agreement of the MaskLLM mask with each one-shot mask, in forward order."""
+    names = list(stats)
+    methods = sorted({m for s in stats.values() for m in s})
+    fig, ax = plt.subplots(figsize=(max(6.4, len(names) * 0.06), 3.6))
+    for method in methods:
+        ax.plot(range(len(names)), [stats[n][method]["agreement"] for n in names], marker=".", ms=3, lw=1,
+                label=LABELS.get(method, method), color=COLORS.get(method))
+    ax.set_xlabel("prunable layer (forward order)")
+    ax.set_ylabel("weights with the same keep/prune decision")
+    ax.set_title("MaskLLM mask vs one-shot masks, per layer", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path, dpi)
