@@ -153,10 +153,11 @@ def _draw(logits: torch.Tensor, temperature: float, logit_scale: float, seed: in
 
 
 class _SoftMaskedWeight(torch.autograd.Function):
-    """``W * soft_mask(y)`` with a hand-written backward to the logits only.
+    """``(W * soft_mask(y), ||W * soft_mask(y)||_F^2)`` with a hand-written backward to the logits.
 
-    Autograd would keep y, the noise and the soft mask of every layer until backward
-    (~4 floats per weight at 2:4); this keeps y (1.5) or, with ``recompute``, nothing but a seed.
+    Written out so that it runs in the candidate-major layout without autograd's intermediate
+    buffers, returns the regulariser's norm of this very sample for one dot product, and, with
+    ``recompute``, keeps a seed instead of y (1.5 floats per weight at 2:4) until backward.
     """
 
     @staticmethod
@@ -167,17 +168,20 @@ class _SoftMaskedWeight(torch.autograd.Function):
             stats["confidence"] = y.amax(dim=-1).mean()
         m = candidates.shape[1]
         mask = (candidates.t() @ y.t()).t()  # [G, M]; [M, C] @ [C, G] is one wide matmul
-        ctx.args = (temperature, logit_scale, seed)
-        ctx.save_for_backward(weight, logits if recompute else y, candidates)
-        ctx.recompute = recompute
-        return (weight.reshape(-1, m) * mask.to(weight.dtype)).reshape(weight.shape)
+        masked = (weight.reshape(-1, m) * mask.to(weight.dtype)).reshape(weight.shape)
+        flat = masked.reshape(-1).float()  # a half-precision dot would lose the sum
+        sq_norm = torch.dot(flat, flat)
+        ctx.args = (temperature, logit_scale, seed, recompute)
+        ctx.save_for_backward(weight, logits if recompute else y, candidates, masked)
+        return masked, sq_norm
 
     @staticmethod
-    def backward(ctx, grad):
-        weight, saved, candidates = ctx.saved_tensors
-        temperature, logit_scale, seed = ctx.args
-        y = _draw(saved, temperature, logit_scale, seed) if ctx.recompute else saved
+    def backward(ctx, grad, grad_sq_norm):
+        weight, saved, candidates, masked = ctx.saved_tensors
+        temperature, logit_scale, seed, recompute = ctx.args
+        y = _draw(saved, temperature, logit_scale, seed) if recompute else saved
         m = candidates.shape[1]
+        grad = torch.addcmul(grad, masked, 2 * grad_sq_norm.to(grad.dtype))  # + d||WM||^2/d(WM)
         # dL/dM = dL/d(W*M) * W, written [M, G] so that the matmul below reads contiguous rows
         d_mask = torch.empty(m, y.shape[0], device=grad.device)
         torch.mul(grad.reshape(-1, m).t(), weight.reshape(-1, m).t(), out=d_mask)
@@ -206,12 +210,12 @@ class LearnableMask(nn.Module):
             masked = w * self.hard_mask(w.shape).to(w.dtype)
         else:
             stats = self.stats if self.state.track_confidence else None
-            masked = _SoftMaskedWeight.apply(
+            masked, sq_norm = _SoftMaskedWeight.apply(
                 w, self.logits, self.candidates, self.state.temperature, self.state.logit_scale,
                 self.state.recompute, stats,
             )
             if torch.is_grad_enabled():
-                self.sq_norm = masked.square().sum()  # the regulariser of this very sample
+                self.sq_norm = sq_norm  # the regulariser of this very sample
         return masked.t() if self.transposed else masked
 
     def hard_mask(self, shape) -> torch.Tensor:

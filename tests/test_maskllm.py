@@ -114,8 +114,8 @@ def test_custom_backward_equals_autograd_of_the_formula(recompute):
     logits = torch.nn.Parameter(ml.init_logits(8, 6, torch.Generator().manual_seed(3)) * 30)
     upstream = torch.randn(4, 8, generator=torch.Generator().manual_seed(4))
     torch.manual_seed(5)
-    out = ml._SoftMaskedWeight.apply(weight, logits, S24, 0.7, 3.0, recompute, None)
-    (out * upstream).sum().backward()
+    out, sq_norm = ml._SoftMaskedWeight.apply(weight, logits, S24, 0.7, 3.0, recompute, None)
+    ((out * upstream).sum() - 0.3 * sq_norm).backward()
     fast = logits.grad.clone()
     logits.grad = None
 
@@ -123,8 +123,9 @@ def test_custom_backward_equals_autograd_of_the_formula(recompute):
     gen = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
     y = ml.sample_candidate_weights(logits, 0.7, 3.0, ml.gumbel_noise((6, 8), gen).t())
     ref = weight * ml.soft_mask(y, S24, weight.shape)
-    (ref * upstream).sum().backward()
+    ((ref * upstream).sum() + ml.sparse_weight_regularizer([weight], [ml.soft_mask(y, S24, weight.shape)], 0.3)).backward()
     torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(sq_norm, (ref**2).sum())
     torch.testing.assert_close(fast, logits.grad)
     assert fast.abs().sum() > 0
 

@@ -44,7 +44,7 @@ def test_changing_evaluate_seqlen_reruns_only_evaluation(micro_copy):
     set_params(micro_copy, {"evaluate.seqlen": 32})
     res = run([str(BIN / "dvc"), "repro"], micro_copy)
     ran = stages_run(res.stdout)
-    assert ran == sorted(f"evaluate@{row}" for row in ROWS), res.stdout
+    assert ran == sorted([f"evaluate@{row}" for row in ROWS] + ["plot"]), res.stdout
     assert json.loads((micro_copy / "metrics" / "dense.json").read_text())["protocol"]["seqlen"] == 32
 
 
@@ -52,7 +52,7 @@ def test_learn_ablation_reruns_only_the_maskllm_branch(micro_copy):
     run(["git", "add", "-A"], micro_copy)
     run(["git", "commit", "-qm", "reproduced"], micro_copy)
     res = run([str(BIN / "dvc"), "exp", "run", "-S", "learn.tau=2"], micro_copy)
-    assert stages_run(res.stdout) == ["evaluate@maskllm", "harden", "learn"], res.stdout
+    assert stages_run(res.stdout) == ["evaluate@maskllm", "harden", "learn", "plot"], res.stdout
 
 
 def test_dense_evaluation_is_logged_to_mlflow(micro_repo):
