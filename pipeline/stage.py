@@ -5,8 +5,6 @@ import sys
 import time
 from typing import Callable
 
-import torch
-
 from pipeline.config import Params, load_params_or_exit
 
 # Errors a user can cause (bad paths, missing packages, N:M that does not divide a layer):
@@ -16,7 +14,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, R
 
 def run_stage(name: str, body: Callable[[Params], str], params_path: str = "params.yaml") -> None:
     params = load_params_or_exit(params_path)  # before any work or write
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.time()
     try:
         summary = body(params)
