@@ -19,26 +19,34 @@ Usage (what a learn stage does)::
         metrics = train_step(model, masks, input_ids, optimizer, lr_schedule, schedule, t)
     hard = masks.hard_masks(); masks.remove()
 
-Layout note: the logits of a layer are the ``[G, C]`` tensor of the paper, but stored
-candidate-major (strides ``(1, G)``): the softmax over the C candidates then runs across
-contiguous rows of G groups, which is ~4x faster on CPU than a softmax over a last dim of 6.
+Implementation notes:
+
+- Sampling is torch's own ``F.gumbel_softmax`` (soft), the mask a torch parametrization of the
+  frozen weight, and the memory saving ``torch.utils.checkpoint``: nothing here re-derives what
+  torch already has.
+- Layout: the logits of a layer are the ``[G, C]`` tensor of the paper, stored candidate-major
+  (strides ``(1, G)``): the softmax over the C candidates then runs across contiguous rows of
+  G groups, ~4x faster on CPU than a softmax over a last dim of 6.
+- Memory: with ``MaskState.recompute`` the sample y (1.5 floats per weight at 2:4) is not kept
+  for backward but redrawn from the same RNG state (checkpointing restores it).
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.nm import NMError, candidates as make_candidates, check_nm, find_prunable_layers
 
 __all__ = [
     "Schedule", "MaskState", "MaskSet", "LearnableMask",
-    "init_logits", "prior_overlap", "apply_prior", "gumbel_noise", "sample_candidate_weights",
-    "soft_mask", "harden", "sparse_weight_regularizer",
+    "init_logits", "prior_overlap", "apply_prior", "sample_candidate_weights",
+    "soft_mask", "masked_weight", "harden", "sparse_weight_regularizer",
     "attach_masks", "make_optimizer", "train_step",
 ]
 
@@ -67,27 +75,13 @@ def apply_prior(logits: torch.Tensor, prior_mask: torch.Tensor, candidates: torc
     return logits.clone().add_(shift)  # clone keeps the candidate-major layout
 
 
-def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """G = -log(-log U), U ~ Uniform(0, 1): i.i.d. Gumbel(0, 1) noise of ``shape``.
+def sample_candidate_weights(logits: torch.Tensor, temperature: float, logit_scale: float) -> torch.Tensor:
+    """y_g = softmax((kappa * pi_g + G_g) / tau), G ~ Gumbel(0, 1), over the candidates: ``[G, C]``.
 
-    Same distribution as torch.nn.functional.gumbel_softmax's ``-log(Exp(1))``, but
-    ``uniform_`` is ~4x faster than ``exponential_`` on CPU, and this is the step's
-    largest single cost (one draw per candidate per group: 1.5 draws per weight at 2:4).
+    torch's soft Gumbel-softmax on the candidate-major view (module note); draws from the
+    global RNG, so a seeded step (and its checkpointed recompute) draws the same sample.
     """
-    u = torch.empty(shape, device=device).uniform_(torch.finfo(torch.float32).tiny, 1.0, generator=generator)
-    return u.log_().neg_().log_().neg_()
-
-
-def sample_candidate_weights(logits: torch.Tensor, temperature: float, logit_scale: float,
-                             noise: torch.Tensor) -> torch.Tensor:
-    """y_g = softmax((kappa * pi_g + G_g) / tau) over the candidates: ``[G, C]`` -> ``[G, C]``.
-
-    ``noise`` (G, same shape) is consumed: z is built in its buffer (saves two passes and a copy).
-    """
-    z = noise.add_(logits, alpha=logit_scale).div_(temperature)
-    # softmax along dim 0 of the [C, G] view: same values, contiguous rows (module note)
-    return torch.softmax(z.t(), dim=0).t()
+    return F.gumbel_softmax(logits.t() * logit_scale, tau=temperature, hard=False, dim=0).t()
 
 
 def soft_mask(y: torch.Tensor, candidates: torch.Tensor, shape: torch.Size | tuple[int, int]) -> torch.Tensor:
@@ -143,53 +137,15 @@ class MaskState:
     track_confidence: bool = False  # record mean max_i y_gi of each sample (one extra pass)
 
 
-# ------------------------------------------------------------------ autograd: W * soft_mask
+# ------------------------------------------------------------------ one layer's masked weight
 
-def _draw(logits: torch.Tensor, temperature: float, logit_scale: float, seed: int) -> torch.Tensor:
-    """y for one layer from a seeded generator, so backward can redraw the same sample: ``[G, C]``."""
-    gen = torch.Generator(device=logits.device).manual_seed(seed)
-    noise = gumbel_noise((logits.shape[1], logits.shape[0]), gen, logits.device).t()  # candidate-major
-    return sample_candidate_weights(logits, temperature, logit_scale, noise)
-
-
-class _SoftMaskedWeight(torch.autograd.Function):
-    """``(W * soft_mask(y), ||W * soft_mask(y)||_F^2)`` with a hand-written backward to the logits.
-
-    Written out so that it runs in the candidate-major layout without autograd's intermediate
-    buffers, returns the regulariser's norm of this very sample for one dot product, and, with
-    ``recompute``, keeps a seed instead of y (1.5 floats per weight at 2:4) until backward.
-    """
-
-    @staticmethod
-    def forward(ctx, weight, logits, candidates, temperature, logit_scale, recompute, stats):
-        seed = int(torch.randint(2**62, ()))  # from the global RNG: runs stay reproducible
-        y = _draw(logits, temperature, logit_scale, seed)
-        if stats is not None:
-            stats["confidence"] = y.amax(dim=-1).mean()
-        m = candidates.shape[1]
-        mask = (candidates.t() @ y.t()).t()  # [G, M]; [M, C] @ [C, G] is one wide matmul
-        masked = (weight.reshape(-1, m) * mask.to(weight.dtype)).reshape(weight.shape)
-        flat = masked.reshape(-1).float()  # a half-precision dot would lose the sum
-        sq_norm = torch.dot(flat, flat)
-        ctx.args = (temperature, logit_scale, seed, recompute)
-        ctx.save_for_backward(weight, logits if recompute else y, candidates, masked)
-        return masked, sq_norm
-
-    @staticmethod
-    def backward(ctx, grad, grad_sq_norm):
-        weight, saved, candidates, masked = ctx.saved_tensors
-        temperature, logit_scale, seed, recompute = ctx.args
-        y = _draw(saved, temperature, logit_scale, seed) if recompute else saved
-        m = candidates.shape[1]
-        grad = torch.addcmul(grad, masked, 2 * grad_sq_norm.to(grad.dtype))  # + d||WM||^2/d(WM)
-        # dL/dM = dL/d(W*M) * W, written [M, G] so that the matmul below reads contiguous rows
-        d_mask = torch.empty(m, y.shape[0], device=grad.device)
-        torch.mul(grad.reshape(-1, m).t(), weight.reshape(-1, m).t(), out=d_mask)
-        d_y = candidates @ d_mask  # [C, G]; dM_g/dy_gi = s_i
-        # softmax backward along the candidates, dz = y * (dy - <y, dy>), in the [C, G] layout
-        d_z = torch._softmax_backward_data(d_y, y.t(), 0, torch.float32)
-        d_logits = d_z.mul_(logit_scale / temperature).t()  # z = (kappa * pi + G) / tau
-        return None, d_logits, None, None, None, None, None
+def masked_weight(weight: torch.Tensor, logits: torch.Tensor, candidates: torch.Tensor, temperature: float,
+                  logit_scale: float, stats: dict | None = None) -> torch.Tensor:
+    """W * soft_mask(y) for one freshly drawn y; ``weight`` is ``[out, in]``."""
+    y = sample_candidate_weights(logits, temperature, logit_scale)
+    if stats is not None:
+        stats["confidence"] = y.detach().amax(dim=-1).mean()
+    return weight * soft_mask(y, candidates, weight.shape).to(weight.dtype)
 
 
 class LearnableMask(nn.Module):
@@ -210,12 +166,15 @@ class LearnableMask(nn.Module):
             masked = w * self.hard_mask(w.shape).to(w.dtype)
         else:
             stats = self.stats if self.state.track_confidence else None
-            masked, sq_norm = _SoftMaskedWeight.apply(
-                w, self.logits, self.candidates, self.state.temperature, self.state.logit_scale,
-                self.state.recompute, stats,
-            )
+            args = (w, self.logits, self.candidates, self.state.temperature, self.state.logit_scale, stats)
+            if self.state.recompute and torch.is_grad_enabled():
+                # keep only the inputs; backward redraws y from the restored RNG state
+                masked = checkpoint(masked_weight, *args, use_reentrant=False, preserve_rng_state=True)
+            else:
+                masked = masked_weight(*args)
             if torch.is_grad_enabled():
-                self.sq_norm = sq_norm  # the regulariser of this very sample
+                # the regulariser of this very sample, summed in float32 (bf16 would lose it)
+                self.sq_norm = masked.square().sum(dtype=torch.float32)
         return masked.t() if self.transposed else masked
 
     def hard_mask(self, shape) -> torch.Tensor:
@@ -254,7 +213,8 @@ class MaskSet:
         norms = []
         for name, (_, mask) in self.layers.items():
             if mask.sq_norm is None:
-                raise RuntimeError(f"{name}: no soft mask sampled since the last regularizer() call; run a training forward first")
+                raise RuntimeError(f"{name}: no soft mask sampled since the last regularizer() call; "
+                                   "run a training forward (grad enabled, not hard) first")
             norms.append(mask.sq_norm)
             mask.sq_norm = None  # do not keep the graph alive past this step
         reg = -reg_weight * torch.stack(norms).sum()
@@ -346,7 +306,8 @@ def attach_masks(model: nn.Module, n: int, m: int, *, priors: dict[str, torch.Te
             prior = priors[layer.param_name].to(w.device)
             prior = prior.t() if layer.transposed else prior
             if prior.shape != w.shape:
-                raise NMError(f"{layer.param_name}: prior mask shape {tuple(prior.shape)} != weight {tuple(w.shape)} [out, in]")
+                raise NMError(f"{layer.param_name}: prior mask shape {tuple(prior.shape)} does not match "
+                              f"the weight's {tuple(w.shape)} ([out, in]); was the prior made for this model?")
             check_nm(prior, n, m, f"prior {layer.param_name}")
             logits = apply_prior(logits, prior, candidates.to(w.device), prior_strength)
             prior_choice[layer.param_name] = prior_overlap(prior, candidates.to(w.device)).argmax(-1).to(
