@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +110,6 @@ def train_tiny(cfg: TinyModel, vocab_size: int, train_tokens: torch.Tensor, ckpt
 def build_dense(params: Params, vocab_size: int, train_tokens: torch.Tensor, ckpt_dir: Path):
     """-> (model, info dict)."""
     src = params.model.source
-    t0 = time.time()
     info = {"source": src}
     if src == "smollm2":
         model = load_smollm2()
@@ -122,7 +120,6 @@ def build_dense(params: Params, vocab_size: int, train_tokens: torch.Tensor, ckp
         model, loss = train_tiny(params.model.tiny, vocab_size, train_tokens, ckpt_dir)
         info["final_train_loss"] = loss
     info["params"] = sum(p.numel() for p in model.parameters())
-    info["seconds"] = round(time.time() - t0, 2)
     return model, info
 
 
