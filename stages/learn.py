@@ -3,6 +3,7 @@
     python -m stages.learn                                  # one process
     torchrun --nproc_per_node 8 -m stages.learn             # data-parallel over learn.batch_size
 """
+import json
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -13,10 +14,11 @@ from pipeline.learn import Checkpoint, Dist, fingerprint, learn_masks, write_cur
 from pipeline.masks_io import load_masks
 from pipeline.modeling import default_device, load_model
 from pipeline.stage import run_stage
-from pipeline.tracking import experiment_name, start_run
+from pipeline.tracking import learn_run
 
 DATA, DENSE, PRIOR = Path("artifacts/data"), Path("artifacts/dense"), Path("artifacts/prior")
 OUT, CKPT = Path("artifacts/learn"), Path("artifacts/learn_ckpt")
+CURVE = Path("plots/learn_curve.csv")
 
 
 def main(params):
@@ -36,32 +38,34 @@ def main(params):
     def run(log):
         return learn_masks(model, priors, train, cfg, sp, ckpt, log=log, d=d)
 
-    if d.main:
-        import mlflow
-
-        dataset = (DATA / "stats.json").read_text()
-        exp = experiment_name(params.model.source, __import__("json").loads(dataset)["source"], sp.n, sp.m)
-        with start_run(exp, "maskllm-learn", tags={"method": "maskllm", "stage": "learn"}):
-            mlflow.log_params({f"learn.{k}": v for k, v in cfg.model_dump().items()} | {"world_size": d.world})
-            result = run(lambda metrics, step: mlflow.log_metrics(
-                {k: v for k, v in metrics.items() if k != "step"}, step=step))
-    else:
-        result = run(None)
-    d.barrier()
     if not d.main:
+        run(None)
+        d.barrier()
         return "rank done"
+    dataset = json.loads((DATA / "stats.json").read_text())["source"]
+    with learn_run(params, dataset, key=ckpt.run_id, extra_params={"world_size": d.world}) as tracker:
+        result = run(tracker.log)
+        d.barrier()
+        write_outputs(result, cfg, d)
+        tracker.finish(CURVE)
+    ckpt.clear()  # finished: the next run of these params is a DVC cache hit, not a resume
+    last = result.curve[-1]
+    return (f"{cfg.steps} steps ({'resumed at ' + str(result.resumed_from) if result.resumed_from else 'fresh'}), "
+            f"final CE {last['ce']:.3f}, flip rate {last['flip_rate']:.4f}, "
+            f"{result.seconds / max(1, cfg.steps - result.resumed_from):.2f} s/step")
+
+
+def write_outputs(result, cfg, d) -> None:
     with atomic_dir(OUT) as tmp:
         save_file(result.masks.logits_state_dict(), tmp / "logits.safetensors")
-        write_json(tmp / "info.json", {"steps": cfg.steps, "prior": cfg.prior, "world_size": d.world,
-                                       "resumed_from": result.resumed_from})
-    write_curve(Path("plots/learn_curve.csv"), result.curve)
+        # no wall time or resume point here: a resumed run must produce the same output
+        write_json(tmp / "info.json", {"steps": cfg.steps, "prior": cfg.prior, "world_size": d.world})
+    write_curve(CURVE, result.curve)
     last = result.curve[-1]
     write_json(Path("metrics/learn.json"), {"final_ce": last["ce"], "final_flip_rate": last["flip_rate"],
                                             "prior_agreement": last.get("prior_agreement", float("nan")),
-                                            "seconds": result.seconds, "steps": cfg.steps})
-    ckpt.clear()  # finished: the next run of these params is a DVC cache hit, not a resume
-    return (f"{cfg.steps} steps ({'resumed at ' + str(result.resumed_from) if result.resumed_from else 'fresh'}), "
-            f"final CE {last['ce']:.3f}, flip rate {last['flip_rate']:.4f}, {result.seconds / max(1, cfg.steps - result.resumed_from):.2f} s/step")
+                                            "seconds": result.seconds, "steps": cfg.steps,
+                                            "resumed_from": result.resumed_from})
 
 
 if __name__ == "__main__":

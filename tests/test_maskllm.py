@@ -70,6 +70,16 @@ def test_samples_follow_the_scaled_softmax_distribution():
     torch.testing.assert_close(y.sum(-1), torch.ones(20000))
 
 
+def test_samples_match_torch_gumbel_softmax_in_distribution():
+    # the same law as F.gumbel_softmax (whose noise is -log Exp(1)): compare mean and spread
+    logits = torch.tensor([0.4, -0.3, 0.1, 0.0, 0.25, -0.5]).expand(40000, 6).contiguous()
+    torch.manual_seed(1)
+    ours = ml.sample_candidate_weights(logits, temperature=0.8, logit_scale=2.0)
+    theirs = torch.nn.functional.gumbel_softmax(2.0 * logits, tau=0.8, dim=-1)
+    torch.testing.assert_close(ours.mean(0), theirs.mean(0), atol=6e-3, rtol=0)
+    torch.testing.assert_close(ours.std(0), theirs.std(0), atol=6e-3, rtol=0)
+
+
 def test_high_temperature_flattens_the_sample():
     logits = torch.tensor([[3.0, 0, 0, 0, 0, 0]])
     torch.manual_seed(0)
@@ -132,7 +142,8 @@ def test_layer_gradients_equal_the_formula_with_and_without_recompute(recompute)
 
     logits = torch.nn.Parameter(logits0.clone())
     torch.manual_seed(5)  # the same draw, then the paper's formula under plain autograd
-    y = torch.nn.functional.gumbel_softmax(logits.t() * 3.0, tau=0.7, dim=0).t()
+    noise = torch.distributions.Gumbel(0.0, 1.0).rsample((6, 8)).t()
+    y = torch.softmax((3.0 * logits + noise) / 0.7, dim=-1)
     mask = ml.soft_mask(y, S24, weight.shape)
     ref = weight * mask
     ((ref * upstream).sum() + ml.sparse_weight_regularizer([weight], [mask], 0.3)).backward()

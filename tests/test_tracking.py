@@ -1,0 +1,115 @@
+"""MLflow layout and idempotence, against a private SQLite store (no DVC, no model)."""
+import json
+import socket
+import time
+
+import pytest
+import yaml
+
+from pipeline import tracking
+from pipeline.config import parse_params
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
+    return tmp_path
+
+
+def params(**learn):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["learn"].update(learn)
+    return parse_params(raw)
+
+
+def result(tmp_path, method, domain, ppl):
+    f = tmp_path / f"{method}-{domain}.json"
+    f.write_text(json.dumps({"ppl": ppl, "nll": 1.0, "protocol": {"seqlen": 512, "domain": domain}}))
+    return tracking.Result(method, domain, domain == "wiki", json.loads(f.read_text()), f)
+
+
+def runs(role=None):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    df = mlflow.search_runs(search_all_experiments=True)
+    return df if role is None else df[df["tags.role"] == role]
+
+
+def test_sync_is_idempotent_and_replaces_changed_results(store):
+    p = params()
+    res = [result(store, "dense", "wiki", 14.0), result(store, "sparsegpt", "wiki", 50.0),
+           result(store, "sparsegpt", "shakespeare", 80.0)]
+    first = tracking.sync(p, "wiki", res)
+    assert sorted(first.created) == ["dense@wiki", "sparsegpt@shakespeare", "sparsegpt@wiki"]
+    again = tracking.sync(p, "wiki", res)  # everything cached: nothing new
+    assert again.created == [] and again.replaced == [] and again.kept == 3
+    assert len(runs("pipeline")) == 1 and len(runs("result")) == 3
+
+    res[1] = result(store, "sparsegpt", "wiki", 49.0)  # the same state, a recomputed result
+    third = tracking.sync(p, "wiki", res)
+    assert third.replaced == ["sparsegpt@wiki"]
+    df = runs("result")
+    assert len(df) == 3 and sorted(df["metrics.ppl"]) == [14.0, 49.0, 80.0]
+    assert set(df["tags.mlflow.parentRunId"]) == {first.parent}
+    assert (df["experiment_id"].nunique(), df["params.seqlen"].iloc[0]) == (1, "512")
+
+
+def test_each_pipeline_state_gets_its_own_parent_tagged_with_its_experiments(store, monkeypatch):
+    tracking.sync(params(), "wiki", [result(store, "maskllm", "wiki", 40.0)])
+    tracking.sync(params(tau=2.0), "wiki", [result(store, "maskllm", "wiki", 41.0)])
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-b")  # same params again under another experiment
+    tracking.sync(params(), "wiki", [result(store, "maskllm", "wiki", 40.0)])
+    parents = runs("pipeline")
+    assert len(parents) == 2 and len(runs("result")) == 2
+    tags = dict(zip(parents["params.learn.tau"], parents["tags.dvc_exp_names"]))
+    assert tags == {"4.0": "exp-a,exp-b", "2.0": "exp-a"}
+    exp = tracking.experiment_name("smollm2", "wiki", 2, 4)
+    import mlflow
+
+    assert mlflow.get_experiment_by_name(exp) is not None
+
+
+def test_learn_run_resumes_a_killed_run_and_the_sync_does_not_replay_it(store, tmp_path):
+    p = params()
+    with pytest.raises(RuntimeError):
+        with tracking.learn_run(p, "wiki", key="k1") as t:
+            t.log({"ce": 5.0, "step": 1}, 1)
+            raise RuntimeError("killed")
+    with tracking.learn_run(p, "wiki", key="k1") as t:  # resumed: same run
+        t.log({"ce": 4.0, "step": 2}, 2)
+        curve = tmp_path / "learn_curve.csv"
+        curve.write_text("step,ce\n1,5.0\n2,4.0\n")
+        t.finish(curve)
+    learns = runs("learn")
+    assert len(learns) == 1 and learns["status"].iloc[0] == "FINISHED"
+    import mlflow
+
+    history = mlflow.tracking.MlflowClient().get_metric_history(learns["run_id"].iloc[0], "ce")
+    assert [(m.step, m.value) for m in history] == [(1, 5.0), (2, 4.0)]
+    report = tracking.sync(p, "wiki", [], curve_file=curve)
+    assert report.created == [] and len(runs("learn")) == 1
+
+
+def test_sync_replays_the_curve_for_a_state_whose_learn_stage_was_cached(store, tmp_path):
+    curve = tmp_path / "learn_curve.csv"
+    curve.write_text("step,ce,temperature\n1,5.0,4.0\n2,4.5,2.0\n")
+    report = tracking.sync(params(), "wiki", [], curve_file=curve)
+    assert report.created == ["maskllm-learn (replayed)"]
+    assert tracking.sync(params(), "wiki", [], curve_file=curve).created == []
+    learns = runs("learn")
+    assert len(learns) == 1 and learns["metrics.ce"].iloc[0] == 4.5
+
+
+def test_unreachable_server_fails_fast_with_the_fix(monkeypatch):
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    t0 = time.monotonic()
+    with pytest.raises(tracking.TrackingError, match="unreachable.*MLFLOW_TRACKING_URI"):
+        tracking.sync(params(), "wiki", [])
+    assert time.monotonic() - t0 < 30  # MLflow alone would retry for minutes
