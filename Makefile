@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 # DVC stages call `python -m stages.X`: it must be the venv's python.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install repro test micro ui bench clean-venv
+.PHONY: install pydocs repro test micro ui bench clean-venv sweeps-plot \
+	sweep-tau sweep-kappa sweep-prior-strength sweep-prior sweep-reg sweep-steps
 
 $(STAMP): pyproject.toml requirements-embedded.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,7 +19,16 @@ $(STAMP): pyproject.toml requirements-embedded.txt
 
 install: $(STAMP)
 
-repro: install
+# Python's documentation, an out-of-domain evaluation domain (evaluate.domains: pydocs)
+PYDOCS := /usr/share/doc/python3.11/html/_sources
+pydocs:
+	@test -d $(PYDOCS) || { echo "installing Debian's python3.11-doc (evaluation domain 'pydocs')"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q python3.11-doc >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q python3.11-doc >/dev/null; } || \
+	  { echo "could not install python3.11-doc: set data.pydocs_path or drop pydocs from evaluate.domains in params.yaml"; exit 1; }; }
+
+repro: install pydocs
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 
@@ -28,8 +38,35 @@ test: install
 micro: install  ## the whole pipeline on the micro profile, as a DVC experiment
 	$(BIN)/dvc exp run $$($(BIN)/python -m pipeline.profile micro)
 
+# Ablations, one command each: queue the experiments, run JOBS at a time, then redraw the
+# sweep figures (plots/sweeps/*.png) from MLflow in the workspace. Each is one full MaskLLM
+# run (learn + harden + the MaskLLM evaluations; everything else is a DVC cache hit).
+JOBS ?= 1
+QUEUE = $(BIN)/dvc exp run --queue
+define sweep
+	$(foreach v,$(2),$(QUEUE) -S $(1)=$(v);)
+	$(BIN)/dvc queue start -j $(JOBS)
+	$(BIN)/python -m pipeline.queue_wait
+	$(MAKE) sweeps-plot
+endef
+sweep-tau: install            ## Gumbel temperature at step 0 (paper: 4)
+	$(call sweep,learn.tau,1 2 8)
+sweep-kappa: install          ## logit scale at step 0 (paper: 100)
+	$(call sweep,learn.kappa,10 30 300)
+sweep-prior-strength: install ## prior strength alpha, 0 = no prior (paper: 3)
+	$(call sweep,learn.prior_strength,0 1 10)
+sweep-prior: install          ## which one-shot mask is the prior
+	$(call sweep,learn.prior,magnitude wanda none)
+sweep-reg: install            ## sparse weight regulariser off vs on (paper: 1e-5)
+	$(call sweep,learn.weight_reg,0 1e-4)
+sweep-steps: install          ## training budget
+	$(call sweep,learn.steps,16 32 128)
+sweeps-plot: install
+	$(BIN)/dvc repro plot
+
 ui: install
-	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+	  --default-artifact-root $(CURDIR)/mlartifacts
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,6 +1,6 @@
 """Cost of one MaskLLM step against one dense training step, same model, same batch.
 
-    .venv/bin/python bench/maskllm_step.py artifacts/dense --batch 1 --seqlen 256
+    .venv/bin/python bench/maskllm_step.py artifacts/dense            # the learn stage's 2 x 512
 
 Time: both variants live in ONE process and their steps alternate (warm-up first), so
 load from other processes hits both alike; the median per step is reported.
@@ -140,14 +140,14 @@ def peak_memory(args, variant: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default="artifacts/dense", help="HF model dir")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--m", type=int, default=4)
-    ap.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+    ap.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=False,
                     help="redraw y in backward instead of keeping it (MaskState.recompute)")
     ap.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)  # subprocess mode
     args = ap.parse_args()

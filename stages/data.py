@@ -11,7 +11,7 @@ OUT = Path("artifacts/data")
 
 def main(params):
     d = params.data
-    corpus = load_corpus(d.source, d.hf_path)
+    corpus = load_corpus(d.source, d.hf_path, d.pydocs_path)
     splits = split_corpus(corpus, d.test_fraction, d.seed, d.max_articles)
     tokenizer = build_tokenizer(params, splits["train"])
     stats = {"source": corpus.name, "licence": corpus.licence, "source_sha256": corpus.source_hash,

@@ -1,4 +1,8 @@
-"""DVC stage `evaluate@<row>`: test perplexity of one method under the shared protocol."""
+"""DVC stage `evaluate@<row>-<domain>`: test perplexity of one method on one domain.
+
+Results go to ``metrics/<row>/<domain>.json`` with their protocol; the plot stage logs them
+to MLflow (idempotently: a cached evaluation is still logged for a new pipeline state).
+"""
 import json
 import sys
 from pathlib import Path
@@ -8,31 +12,26 @@ from pipeline.evaluate import perplexity
 from pipeline.io import write_json
 from pipeline.rows import build_row_model
 from pipeline.stage import run_stage
-from pipeline.tracking import experiment_name, start_run
 
-DATA = Path("artifacts/data")
+DOMAINS = Path("artifacts/domains")
 
 
-def main(params, row):
+def main(params, row, domain):
     ev = params.evaluate
-    stats = json.loads((DATA / "stats.json").read_text())
+    stats = json.loads((DOMAINS / domain / "stats.json").read_text())
+    tokens = load_tokens(DOMAINS / domain / "test.npy")
     model = build_row_model(row, ev.dtype)
-    tokens = load_tokens(DATA / "test.npy")
-    result = perplexity(model, tokens, ev.seqlen, ev.batch_size, ev.max_windows, desc=f"ppl {row}")
-    protocol = {"dataset": stats["source"], "split": "test", "seqlen": ev.seqlen, "windows": result["windows"],
-                "tokens": result["tokens"], "dtype": ev.dtype, "model": params.model.source,
+    result = perplexity(model, tokens, ev.seqlen, ev.batch_size, ev.max_windows, desc=f"ppl {row} @ {domain}")
+    protocol = {"dataset": domain, "in_domain": stats["in_domain"], "split": "test", "seqlen": ev.seqlen,
+                "windows": result["windows"], "tokens": result["tokens"], "dtype": ev.dtype,
+                "model": params.model.source, "train_dataset": params.data.source,
                 "sparsity": "dense" if row == "dense" else f"{params.sparsity.n}:{params.sparsity.m}"}
-    metrics = {"ppl": result["ppl"], "nll": result["nll"], "protocol": protocol}
-    exp = experiment_name(params.model.source, stats["source"], params.sparsity.n, params.sparsity.m)
-    with start_run(exp, row, tags={"method": row}):
-        import mlflow
-
-        mlflow.log_params(protocol)
-        mlflow.log_metrics({"ppl": result["ppl"], "nll": result["nll"]})
-    write_json(Path("metrics") / f"{row}.json", metrics)
-    return f"{row}: PPL {result['ppl']:.3f} on {stats['source']} test ({result['windows']} x {ev.seqlen} tokens, {ev.dtype})"
+    write_json(Path("metrics") / row / f"{domain}.json", {"ppl": result["ppl"], "nll": result["nll"], "protocol": protocol})
+    return (f"{row} @ {domain}: PPL {result['ppl']:.3f} ({result['windows']} x {ev.seqlen} tokens, "
+            f"{'in' if stats['in_domain'] else 'out of'} domain, {ev.dtype})")
 
 
 if __name__ == "__main__":
-    row = sys.argv[1] if len(sys.argv) > 1 else "dense"
-    run_stage(f"evaluate {row}", lambda p: main(p, row))
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python -m stages.evaluate <row> <domain>")
+    run_stage(f"evaluate {sys.argv[1]} @ {sys.argv[2]}", lambda p: main(p, sys.argv[1], sys.argv[2]))

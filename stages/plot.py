@@ -1,29 +1,66 @@
-"""DVC stage `plot`: figures (PNG) and plot data for `dvc plots show/diff`."""
+"""DVC stage `plot`: figures (PNG), plot data for `dvc plots`, and the MLflow sync.
+
+Always runs (``always_changed``): it is where MLflow catches up with results that DVC
+restored from its cache instead of running (see pipeline/tracking.py).
+"""
 import csv
 import json
 from pathlib import Path
 
-from pipeline.io import atomic_path
-from pipeline.plots import layer_agreement, learn_curves, ppl_bars
+from pipeline import plots
+from pipeline.io import atomic_dir, atomic_path
 from pipeline.rows import ROWS
 from pipeline.stage import run_stage
+from pipeline.tracking import Result, sweep_points, sync
 
 METRICS, PLOTS = Path("metrics"), Path("plots")
+CURVE, HARDEN_STATS = PLOTS / "learn_curve.csv", Path("artifacts/harden/stats.json")
+
+
+def read_results(params) -> list[Result]:
+    out = []
+    for row in ROWS:
+        for domain in params.evaluate.domains:
+            f = METRICS / row / f"{domain}.json"
+            if f.is_file():
+                out.append(Result(row, domain, domain == params.data.source, json.loads(f.read_text()), f))
+    return out
 
 
 def main(params):
-    results = {r: json.loads((METRICS / f"{r}.json").read_text()) for r in ROWS if (METRICS / f"{r}.json").is_file()}
-    ppl = {r: m["ppl"] for r, m in results.items()}
-    protocol = results.get("maskllm", next(iter(results.values())))["protocol"]
-    dpi = params.plot.dpi
-    ppl_bars(ppl, protocol, PLOTS / "ppl.png", dpi)
-    with atomic_path(PLOTS / "ppl.csv") as tmp:  # DVC bar chart data
-        tmp.write_text("method,ppl\n" + "".join(f"{r},{v}\n" for r, v in ppl.items()))
-    with open(PLOTS / "learn_curve.csv") as f:
-        learn_curves(list(csv.DictReader(f)), PLOTS / "learn_curves.png", dpi)
-    stats = json.loads(Path("artifacts/harden/stats.json").read_text())["layers"]
-    layer_agreement(stats, PLOTS / "agreement.png", dpi)
-    return f"{len(ppl)} rows plotted -> {PLOTS}/ppl.png, learn_curves.png, agreement.png"
+    dpi, dataset = params.plot.dpi, params.data.source
+    results = read_results(params)
+    if not results:
+        raise FileNotFoundError(f"no results under {METRICS}/<row>/<domain>.json; run `dvc repro` first")
+    table = {}
+    for r in results:
+        table.setdefault(r.method, {})[r.domain] = r.metrics["ppl"]
+    in_domain = {row: t[dataset] for row, t in table.items() if dataset in t}
+    protocol = next(r.metrics["protocol"] for r in results if r.domain == dataset)
+    plots.ppl_bars(in_domain, protocol, PLOTS / "ppl.png", dpi)
+    with atomic_path(PLOTS / "ppl.csv") as tmp:  # DVC bar chart data (in-domain)
+        tmp.write_text("method,ppl\n" + "".join(f"{r},{v}\n" for r, v in in_domain.items()))
+    plots.domain_heatmap(table, params.evaluate.domains, dataset, PLOTS / "domains.png", dpi)
+    with open(CURVE) as f:
+        plots.learn_curves(list(csv.DictReader(f)), PLOTS / "learn_curves.png", dpi)
+    plots.layer_agreement(json.loads(HARDEN_STATS.read_text())["layers"], PLOTS / "agreement.png", dpi)
+
+    report = sync(params, dataset, results, curve_file=CURVE)
+    # ablations: MaskLLM's in-domain PPL across pipeline states that differ in one param
+    sweeps = sweep_points(params, dataset, f"ppl.maskllm.{dataset}")
+    refs = {r: in_domain[r] for r in ("dense", "sparsegpt", "sparsegpt_maskonly") if r in in_domain}
+    with atomic_dir(PLOTS / "sweeps") as tmp:
+        for param, points in sweeps.items():
+            plots.sweep(param, points, refs, tmp / f"{param.replace('.', '_')}.png", dpi)
+        (tmp / "index.md").write_text(
+            "# Ablation figures\n\n" + "".join(f"- `{p}`: {len(v)} values -> {p.replace('.', '_')}.png\n"
+                                                for p, v in sweeps.items())
+            + ("" if sweeps else "None yet: queue a sweep (`make sweep-tau`, see the README).\n"))
+    figures = sorted(PLOTS.glob("*.png")) + sorted((PLOTS / "sweeps").glob("*.png"))
+    sync(params, dataset, [], artifacts=[*figures, HARDEN_STATS, PLOTS / "ppl.csv", CURVE])
+    return (f"{len(results)} results ({len(table)} methods x {len(params.evaluate.domains)} domains) plotted; "
+            f"{len(sweeps)} sweep figure(s); MLflow parent {report.parent[:8]}: {len(report.created)} run(s) "
+            f"logged, {len(report.replaced)} replaced, {report.kept} already there")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
-"""The DVC pipeline end to end on the micro profile, in a temporary copy of the repository."""
+"""The DVC pipeline end to end on the micro profile, in temporary copies of the repository."""
 import json
 import math
-
+import socket
+import subprocess
+import time
+import urllib.request
 
 import pytest
 
 from pipeline.rows import ROWS
-from tests.conftest import BIN, run, set_params
+from tests.conftest import BIN, repo_env, run, set_params
+
+DOMAINS = ("wiki", "shakespeare")  # the micro profile's evaluate.domains
+EXPERIMENT = "tiny/wiki/2:4"
 
 
 @pytest.fixture(scope="module")
@@ -14,69 +20,195 @@ def micro_repo(micro_base):
     return micro_base
 
 
-def test_repro_writes_finite_metrics_with_protocol(micro_repo):
-    repo, res = micro_repo
-    metrics = json.loads((repo / "metrics" / "dense.json").read_text())
-    assert math.isfinite(metrics["ppl"]) and 1 < metrics["ppl"] < 512  # below the uniform PPL of the vocab
-    proto = metrics["protocol"]
-    assert proto == {"dataset": "wiki", "split": "test", "seqlen": 64, "windows": proto["windows"],
-                     "tokens": proto["windows"] * 64, "dtype": "float32", "model": "tiny", "sparsity": "dense"}
-    assert 1 <= proto["windows"] <= 16
-    stats = json.loads((repo / "artifacts" / "data" / "stats.json").read_text())
-    assert stats["train"]["articles"] + stats["test"]["articles"] == 400
-    assert "[evaluate dense] dense: PPL" in res.stdout  # the one-line stage summary
-    shown = run([str(BIN / "dvc"), "metrics", "show", "--json"], repo).stdout
-    assert "ppl" in shown
-
-
-def test_second_repro_does_nothing(micro_repo):
-    repo, _ = micro_repo
-    res = run([str(BIN / "dvc"), "repro"], repo)
-    assert "Running stage" not in res.stdout, res.stdout
-    assert "didn't change, skipping" in res.stdout
-
-
 def stages_run(stdout: str) -> list[str]:
     return sorted(line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage"))
 
 
-def test_changing_evaluate_seqlen_reruns_only_evaluation(micro_copy):
-    set_params(micro_copy, {"evaluate.seqlen": 32})
-    res = run([str(BIN / "dvc"), "repro"], micro_copy)
-    ran = stages_run(res.stdout)
-    assert ran == sorted([f"evaluate@{row}" for row in ROWS] + ["plot"]), res.stdout
-    assert json.loads((micro_copy / "metrics" / "dense.json").read_text())["protocol"]["seqlen"] == 32
+def dvc(repo, *args, **kw):
+    return run([str(BIN / "dvc"), *args], repo, **kw)
 
 
-def test_learn_ablation_reruns_only_the_maskllm_branch(micro_copy):
-    run(["git", "add", "-A"], micro_copy)
-    run(["git", "commit", "-qm", "reproduced"], micro_copy)
-    res = run([str(BIN / "dvc"), "exp", "run", "-S", "learn.tau=2"], micro_copy)
-    assert stages_run(res.stdout) == ["evaluate@maskllm", "harden", "learn", "plot"], res.stdout
-
-
-def test_dense_evaluation_is_logged_to_mlflow(micro_repo):
+def mlflow_runs(repo, role=None):
     import mlflow
 
-    repo, _ = micro_repo
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["tiny/wiki/2:4"], filter_string="tags.method = 'dense'")
-    assert len(runs) >= 1
-    run = runs.iloc[0]
-    assert math.isfinite(run["metrics.ppl"]) and run["params.seqlen"] in ("64", "32")
-    assert run["params.dataset"] == "wiki" and run["tags.DVC_STAGE"].startswith("evaluate@dense")
+    df = mlflow.search_runs(experiment_names=[EXPERIMENT])
+    return df if role is None else df[df["tags.role"] == role]
 
 
-def test_every_row_and_the_plots_are_produced(micro_repo):
+def test_repro_writes_every_method_on_every_domain_with_its_protocol(micro_repo):
     repo, res = micro_repo
-    ppl = {row: json.loads((repo / "metrics" / f"{row}.json").read_text())["ppl"] for row in ROWS}
-    assert all(math.isfinite(v) for v in ppl.values()), ppl
-    # Even the micro model is hurt by magnitude pruning at 2:4.
-    assert ppl["magnitude"] > ppl["dense"], ppl
-    for name in ("ppl.png", "learn_curves.png", "agreement.png"):
+    ppl = {}
+    for row in ROWS:
+        for domain in DOMAINS:
+            m = json.loads((repo / "metrics" / row / f"{domain}.json").read_text())
+            assert math.isfinite(m["ppl"]) and m["ppl"] > 1, (row, domain, m)
+            assert m["protocol"]["dataset"] == domain and m["protocol"]["in_domain"] == (domain == "wiki")
+            assert m["protocol"]["tokens"] == m["protocol"]["windows"] * 64 and 1 <= m["protocol"]["windows"] <= 16
+            ppl[row, domain] = m["ppl"]
+    assert ppl["dense", "wiki"] < 512  # below the uniform PPL of the micro vocabulary
+    assert ppl["magnitude", "wiki"] > ppl["dense", "wiki"]  # even the micro model is hurt by pruning
+    assert ppl["dense", "shakespeare"] > ppl["dense", "wiki"]  # trained on wiki only
+    stats = json.loads((repo / "artifacts" / "data" / "stats.json").read_text())
+    assert stats["train"]["articles"] + stats["test"]["articles"] == 400
+    assert "[evaluate dense @ wiki] dense @ wiki: PPL" in res.stdout  # the one-line stage summary
+    assert "ppl" in dvc(repo, "metrics", "show", "--json").stdout
+
+
+def test_plots_exist_and_dvc_shows_them(micro_repo):
+    repo, _ = micro_repo
+    for name in ("ppl.png", "domains.png", "learn_curves.png", "agreement.png"):
         data = (repo / "plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
-    shown = run([str(BIN / "dvc"), "plots", "show", "--json"], repo)
+    shown = dvc(repo, "plots", "show", "--json")
     assert "learn_curve.csv" in shown.stdout and "ppl.csv" in shown.stdout
     harden = json.loads((repo / "artifacts" / "harden" / "stats.json").read_text())
     assert len(harden["layers"]) == 14 and 0.5 < harden["mean"]["sparsegpt"]["agreement"] <= 1.0
+
+
+def test_mlflow_holds_one_parent_with_a_child_per_result(micro_repo):
+    repo, _ = micro_repo
+    parents, results, learns = (mlflow_runs(repo, r) for r in ("pipeline", "result", "learn"))
+    assert len(parents) == 1 and parents["tags.dvc_exp_name"].iloc[0] == "workspace"
+    assert sorted(zip(results["tags.method"], results["tags.domain"])) == sorted(
+        (r, d) for r in ROWS for d in DOMAINS)
+    assert results["metrics.ppl"].map(math.isfinite).all()
+    assert set(results["tags.mlflow.parentRunId"]) == set(learns["tags.mlflow.parentRunId"]) == {
+        parents["run_id"].iloc[0]}
+    assert len(learns) == 1 and learns["status"].iloc[0] == "FINISHED" and learns["metrics.ce"].notna().all()
+    dense = results[(results["tags.method"] == "dense") & (results["tags.domain"] == "wiki")].iloc[0]
+    assert dense["params.seqlen"] == "64" and dense["params.dtype"] == "float32"
+
+
+def test_second_repro_only_replots_and_duplicates_nothing(micro_copy):
+    before = len(mlflow_runs(micro_copy))
+    res = dvc(micro_copy, "repro")
+    assert stages_run(res.stdout) == ["plot"], res.stdout
+    assert "0 run(s) logged, 0 replaced" in res.stdout
+    assert len(mlflow_runs(micro_copy)) == before
+
+
+def test_a_new_domain_evaluates_only_its_own_column(micro_copy, tmp_path):
+    docs = tmp_path / "pydocs"  # a stand-in for Debian's python3.11-doc sources
+    for i in range(60):
+        (docs / "library").mkdir(parents=True, exist_ok=True)
+        (docs / "library" / f"mod{i}.rst.txt").write_text(
+            f":mod:`mod{i}` --- Module {i}\n{'=' * 20}\n\n.. function:: f{i}(x)\n\n   Return *x* plus {i}.\n" * 8)
+    set_params(micro_copy, {"data.pydocs_path": str(docs), "evaluate.domains": [*DOMAINS, "pydocs"]})
+    res = dvc(micro_copy, "repro")
+    ran = stages_run(res.stdout)
+    # the data params changed, so data and domains rerun, but their outputs did not change
+    assert ran == sorted(["data", "plot", *(f"domain@{d}" for d in (*DOMAINS, "pydocs")),
+                          *(f"evaluate@{r}-pydocs" for r in ROWS)]), res.stdout
+    m = json.loads((micro_copy / "metrics" / "maskllm" / "pydocs.json").read_text())
+    assert m["protocol"]["in_domain"] is False and math.isfinite(m["ppl"])
+    parents = mlflow_runs(micro_copy, "pipeline")
+    assert len(parents) == 2  # new params, a new pipeline state
+    new = parents[parents["params.data.pydocs_path"] == str(docs)]["run_id"].iloc[0]
+    results = mlflow_runs(micro_copy, "result")
+    mine = results[results["tags.mlflow.parentRunId"] == new]
+    assert len(mine) == len(ROWS) * 3 and set(mine["tags.domain"]) == {*DOMAINS, "pydocs"}
+
+
+def test_learn_ablation_reruns_only_the_maskllm_branch_and_logs_a_new_state(micro_copy):
+    run(["git", "add", "-A"], micro_copy)
+    run(["git", "commit", "-qm", "reproduced"], micro_copy)
+    res = dvc(micro_copy, "exp", "run", "-S", "learn.tau=2")
+    assert stages_run(res.stdout) == sorted(["learn", "harden", "row@maskllm", "plot",
+                                             *(f"evaluate@maskllm-{d}" for d in DOMAINS)]), res.stdout
+    parents = mlflow_runs(micro_copy, "pipeline")
+    assert len(parents) == 2
+    new = parents[parents["params.learn.tau"] == "2.0"].iloc[0]
+    assert new["tags.dvc_exp_name"] not in ("", "workspace")
+    results = mlflow_runs(micro_copy, "result")
+    mine = results[results["tags.mlflow.parentRunId"] == new["run_id"]]
+    # the new state holds every result, the cached ones included
+    assert len(mine) == len(ROWS) * len(DOMAINS) and mine["metrics.ppl"].map(math.isfinite).all()
+    count = len(mlflow_runs(micro_copy))
+    again = dvc(micro_copy, "exp", "run", "-S", "learn.tau=2")  # everything cached
+    assert stages_run(again.stdout) == ["plot"], again.stdout
+    assert len(mlflow_runs(micro_copy)) == count
+    names = mlflow_runs(micro_copy, "pipeline").set_index("params.learn.tau").loc["2.0", "tags.dvc_exp_names"]
+    assert len(names.split(",")) == 2  # both experiment names are on the one parent
+
+
+def test_queued_experiments_in_parallel_land_in_the_one_store(micro_copy):
+    run(["git", "add", "-A"], micro_copy)
+    run(["git", "commit", "-qm", "reproduced"], micro_copy)
+    for tau in ("1.5", "3.0"):
+        dvc(micro_copy, "exp", "run", "--queue", "-S", f"learn.tau={tau}")
+    dvc(micro_copy, "queue", "start", "-j", "2")
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = dvc(micro_copy, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    exps = json.loads(dvc(micro_copy, "exp", "show", "--json").stdout)
+    names = {e["name"] for base in exps for e in (base.get("experiments") or []) for e in [e] if e.get("name")}
+    parents = mlflow_runs(micro_copy, "pipeline")
+    queued = parents[parents["params.learn.tau"].isin(["1.5", "3.0"])]
+    assert len(queued) == 2 and set(queued["tags.dvc_exp_name"]) <= names, (queued["tags.dvc_exp_name"], names)
+    results = mlflow_runs(micro_copy, "result")
+    for run_id in queued["run_id"]:
+        mine = results[results["tags.mlflow.parentRunId"] == run_id]
+        assert len(mine) == len(ROWS) * len(DOMAINS) and mine["metrics.ppl"].map(math.isfinite).all()
+    # the tau sweep figure, from the runs of all three states
+    sweep = micro_copy / "plots" / "sweeps" / "learn_tau.png"
+    dvc(micro_copy, "repro")
+    assert sweep.read_bytes()[:4] == b"\x89PNG"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_pipeline_logs_to_an_mlflow_server(micro_copy, tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts")],
+        env=repo_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        res = dvc(micro_copy, "repro", env=repo_env(MLFLOW_TRACKING_URI=uri))
+        assert "MLflow parent" in res.stdout
+        body = json.dumps({"experiment_ids": [], "max_results": 100}).encode()
+        exp = json.load(urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name="
+                                               + urllib.request.quote(EXPERIMENT)))["experiment"]
+        body = json.dumps({"experiment_ids": [exp["experiment_id"]], "filter": "tags.role = 'result'",
+                           "max_results": 100}).encode()
+        req = urllib.request.Request(f"{uri}/api/2.0/mlflow/runs/search", data=body,
+                                     headers={"Content-Type": "application/json"})
+        runs = json.load(urllib.request.urlopen(req))["runs"]
+        assert len(runs) == len(ROWS) * len(DOMAINS)
+        assert all(any(m["key"] == "ppl" and math.isfinite(m["value"]) for m in r["data"]["metrics"]) for r in runs)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    assert server.poll() is not None
+
+
+def test_unreachable_tracking_server_fails_fast_and_keeps_outputs(micro_copy):
+    before = {p: p.read_bytes() for p in (micro_copy / "metrics").rglob("*.json")}
+    t0 = time.monotonic()
+    res = dvc(micro_copy, "repro", check=False, env=repo_env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}"))
+    assert res.returncode != 0
+    assert "unreachable" in res.stderr and "MLFLOW_TRACKING_URI" in res.stderr, res.stderr[-2000:]
+    assert time.monotonic() - t0 < 120  # MLflow's own retries would take many minutes
+    assert {p: p.read_bytes() for p in (micro_copy / "metrics").rglob("*.json")} == before
+    assert (micro_copy / "plots" / "ppl.png").is_file()

@@ -1,0 +1,34 @@
+"""DVC stage `row@<row>`: a fingerprint of the files that define one row of the comparison.
+
+Each evaluate@<row>-<domain> stage depends on its row's fingerprint, so that a new MaskLLM
+mask re-evaluates the MaskLLM row on every domain and nothing else (DVC's matrix stages cannot
+look up a per-row path themselves).
+"""
+import hashlib
+import sys
+from pathlib import Path
+
+from pipeline.io import write_json
+from pipeline.rows import DENSE, ROWS, row_mask_path, row_weights_path
+from pipeline.stage import run_stage
+
+OUT = Path("artifacts/rows")
+
+
+def sha256(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; run `dvc repro` to produce it")
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def main(params, row):
+    if row not in ROWS:
+        raise ValueError(f"unknown row {row!r}; one of {ROWS}")
+    files = [p for p in (row_weights_path(row), row_mask_path(row)) if p is not None] or [DENSE / "model.safetensors"]
+    write_json(OUT / f"{row}.json", {"row": row, "inputs": {str(f): sha256(f) for f in files}})
+    return f"{row}: " + ", ".join(str(f) for f in files)
+
+
+if __name__ == "__main__":
+    run_stage(f"row {sys.argv[1]}", lambda p: main(p, sys.argv[1]))
