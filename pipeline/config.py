@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+def _unique_list(v: list) -> list:
+    if len(set(v)) != len(v) or not v:
+        raise ValueError("must be a non-empty list without repeats")
+    return v
 
 
 class Section(BaseModel):
@@ -77,19 +83,13 @@ Method = Literal["magnitude", "wanda", "sparsegpt"]
 
 
 class Prior(Section):
-    methods: list[Method] = ["magnitude", "wanda", "sparsegpt"]
+    methods: Annotated[list[Method], AfterValidator(_unique_list)] = ["magnitude", "wanda", "sparsegpt"]
     nsamples: int = Field(64, ge=1)
     seqlen: int = Field(512, ge=8)
     seed: int = 0
     percdamp: float = Field(0.01, gt=0, lt=1)
     blocksize: int = Field(128, ge=1)
 
-    @field_validator("methods")
-    @classmethod
-    def _unique(cls, v):
-        if len(set(v)) != len(v) or not v:
-            raise ValueError("must be a non-empty list without repeats")
-        return v
 
 
 class Learn(Section):
@@ -121,14 +121,9 @@ class Evaluate(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_windows: Optional[int] = Field(40, ge=1)  # per domain; None = the whole test split
     # test text of each domain (the training domain's test split must be among them)
-    domains: list[Literal["wiki", "shakespeare", "pydocs", "wikitext2", "c4"]] = ["wiki", "shakespeare", "pydocs"]
+    domains: Annotated[list[Literal["wiki", "shakespeare", "pydocs", "wikitext2", "c4"]],
+                       AfterValidator(_unique_list)] = ["wiki", "shakespeare", "pydocs"]
 
-    @field_validator("domains")
-    @classmethod
-    def _unique_domains(cls, v):
-        if len(set(v)) != len(v) or not v:
-            raise ValueError("must be a non-empty list without repeats")
-        return v
 
 
 class Plot(Section):

@@ -79,3 +79,12 @@ def micro_copy(micro_base, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(micro_base[0], repo, symlinks=True)
     return repo
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors: OpenMP fork/join costs more than it saves, and stalls on a busy machine."""
+    from pipeline.sparsegpt import one_thread
+
+    with one_thread():
+        yield

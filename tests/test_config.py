@@ -33,6 +33,9 @@ def test_repository_params_are_valid():
         ({"evaluate": {"dtype": "int8"}}, "evaluate.dtype", "'float32'"),
         ({"evaluate": {"seqlen": "long"}}, "evaluate.seqlen", "integer"),
         ({"plots": {}}, "plots", "unknown key"),
+        ({"evaluate": {"domains": ["wiki", "wiki"]}}, "evaluate.domains", "without repeats"),
+        ({"evaluate": {"domains": ["wiki", "klingon"]}}, "evaluate.domains.1", "'pydocs'"),
+        ({"evaluate": {"domains": ["shakespeare"]}}, "(top level)", "must include the training domain"),
     ],
 )
 def test_bad_values_name_the_key(raw, key, hint):

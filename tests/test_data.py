@@ -81,3 +81,17 @@ def test_windows_drop_the_tail_and_sample_is_seeded():
     a, b = sample_windows(torch.arange(1000), 4, 16, seed=1), sample_windows(torch.arange(1000), 4, 16, seed=1)
     assert torch.equal(a, b) and a.shape == (4, 16)
     assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(4, 15, dtype=torch.long))
+
+
+def test_pydocs_reads_rst_sources_one_article_per_file(tmp_path):
+    from pipeline.data import load_pydocs
+
+    (tmp_path / "library").mkdir()
+    (tmp_path / "library" / "os.rst.txt").write_text(":mod:`os` --- Miscellaneous interfaces\n====\n")
+    (tmp_path / "tutorial.rst.txt").write_text("An Informal Introduction\n****\n")
+    (tmp_path / "notes.txt").write_text("not a doc source")
+    corpus = load_pydocs(str(tmp_path))
+    assert corpus.name == "pydocs" and len(corpus.articles) == 2
+    assert corpus.articles[0].startswith(":mod:`os`")  # sorted by path: library/ before tutorial
+    with pytest.raises(DataError, match="python3.11-doc.*data.pydocs_path.*evaluate.domains"):
+        load_pydocs(str(tmp_path / "missing"))

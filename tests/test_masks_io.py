@@ -19,14 +19,9 @@ from pipeline.masks_io import (
     save_weights,
 )
 from pipeline.nm import find_prunable_layers
-from pipeline.sparsegpt import one_thread
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP fork/join costs more than it saves, and stalls on a busy machine."""
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_llama():

@@ -20,15 +20,11 @@ from pipeline.calibration import InputStats, calibration_windows, capture_block_
 from pipeline.magnitude import magnitude_mask
 from pipeline.nm import NMError, find_blocks, find_prunable_layers, is_nm
 from pipeline.oneshot import prune_oneshot
-from pipeline.sparsegpt import one_thread, sparsegpt_prune
+from pipeline.sparsegpt import sparsegpt_prune
 from pipeline.wanda import wanda_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP fork/join costs more than it saves, and stalls on a busy machine."""
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 W8 = torch.tensor([
