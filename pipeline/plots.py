@@ -47,7 +47,7 @@ def ppl_bars(ppl: dict[str, float], protocol: dict, path: Path, dpi: int = 150) 
 
 def learn_curves(curve: list[dict], path: Path, dpi: int = 150) -> None:
     """Loss, temperature/logit scale, flip rate and confidence against steps."""
-    steps = [r["step"] for r in curve]
+    steps = [float(r["step"]) for r in curve]  # CSV rows hold strings: a numeric axis, not categories
     panels = [("ce", "LM loss (CE)", False), ("temperature", "temperature τ", False),
               ("logit_scale", "logit scale κ", False), ("flip_rate", "mask flip rate", True),
               ("confidence", "mean max probability", False), ("prior_agreement", "agreement with prior", False)]
@@ -132,6 +132,11 @@ def sweep(param: str, points: list[tuple[object, float]], references: dict[str, 
     for row, v in references.items():
         ax.axhline(v, ls="--", lw=1, color=COLORS.get(row, "k"), label=f"{LABELS.get(row, row)} {v:.1f}")
     ax.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    for axis in (ax.yaxis,):  # plain numbers on the log axis: PPLs are read as values
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel(param)
     ax.set_ylabel(ylabel)
     ax.set_title(f"ablation: {param}", fontsize=10)
