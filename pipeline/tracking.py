@@ -341,16 +341,6 @@ def _sync_curve(p: Pipeline, curve_file: Path, report: SyncReport) -> None:
     report.created.append("maskllm-learn (replayed)")
 
 
-def search_results(experiment: str | None = None):
-    """All result children as a pandas DataFrame (what the notebook and sweep plots read)."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri())
-    names = [experiment] if experiment else None
-    return mlflow.search_runs(experiment_names=names, search_all_experiments=experiment is None,
-                              filter_string="tags.role = 'result'")
-
-
 # ------------------------------------------------------------------ ablations across pipeline states
 
 SWEEPS = ("learn.tau", "learn.kappa", "learn.prior_strength", "learn.prior", "learn.weight_reg", "learn.steps",
