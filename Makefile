@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install pydocs repro test micro ui bench clean-venv sweeps-plot \
-	sweep-tau sweep-kappa sweep-prior-strength sweep-prior sweep-reg sweep-steps
+	sweep-tau sweep-kappa sweep-prior-strength sweep-prior sweep-reg sweep-steps sweep-transfer
 
 $(STAMP): pyproject.toml requirements-embedded.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -61,6 +61,22 @@ sweep-reg: install            ## sparse weight regulariser off vs on (paper: 1e-
 	$(call sweep,learn.weight_reg,0 1e-4)
 sweep-steps: install          ## training budget
 	$(call sweep,learn.steps,16 32 128)
+# Transfer (MaskLLM's downstream recipe): the workspace's learned mask as the prior of a run
+# learned on TRANSFER_TO, against the same run from a one-shot (SparseGPT) prior calibrated
+# there; both evaluated on every domain. The exported mask is `dvc add`ed and staged with git
+# (queued runs only carry tracked files); commit it to keep the experiments reproducible.
+TRANSFER_TO ?= shakespeare
+GENERAL ?= masks/general.safetensors
+sweep-transfer: install       ## learned general mask vs one-shot mask as the prior on TRANSFER_TO
+	$(BIN)/python -m pipeline.transfer export $(GENERAL)
+	$(BIN)/dvc add -q $(GENERAL)
+	git add $(GENERAL).dvc $(dir $(GENERAL)).gitignore
+	$(QUEUE) -n transfer-$(TRANSFER_TO)-oneshot -S data.source=$(TRANSFER_TO)
+	$(QUEUE) -n transfer-$(TRANSFER_TO)-general -S data.source=$(TRANSFER_TO) -S learn.prior=file \
+	  -S learn.prior_file=$(GENERAL)
+	$(BIN)/dvc queue start -j $(JOBS)
+	$(BIN)/python -m pipeline.queue_wait
+	$(MAKE) sweeps-plot
 sweeps-plot: install
 	$(BIN)/dvc repro plot
 

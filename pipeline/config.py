@@ -101,13 +101,24 @@ class Learn(Section):
     tau_end: float = Field(0.05, gt=0)
     kappa: float = Field(1e2, gt=0, description="logit scale at step 0")
     kappa_end: float = Field(5e2, gt=0)
-    prior: Literal["none", "magnitude", "wanda", "sparsegpt"] = "sparsegpt"
+    prior: Literal["none", "magnitude", "wanda", "sparsegpt", "file"] = "sparsegpt"
+    prior_file: Optional[str] = None  # learn.prior=file: a mask file (transfer of a learned mask)
     prior_strength: float = Field(3.0, ge=0)
     weight_reg: float = Field(1e-5, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
     checkpoint_every: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _prior_file(self):
+        if self.prior == "file" and not self.prior_file:
+            raise ValueError("learn.prior=file needs learn.prior_file (a mask file: "
+                             "python -m pipeline.transfer export masks/general.safetensors)")
+        if self.prior_file and self.prior != "file":
+            raise ValueError(f"learn.prior_file is set but learn.prior={self.prior!r}: "
+                             "set learn.prior=file to use it, or learn.prior_file=null")
+        return self
 
 
 class Harden(Section):
@@ -142,9 +153,9 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _cross(self):
-        if self.learn.prior not in ("none", *self.prior.methods):
+        if self.learn.prior not in ("none", "file", *self.prior.methods):
             raise ValueError(
-                f"learn.prior={self.learn.prior!r} is not computed: add it to prior.methods {self.prior.methods} or use 'none'"
+                f"learn.prior={self.learn.prior!r} is not computed: add it to prior.methods {self.prior.methods} or use 'none' or 'file'"
             )
         if self.data.source not in self.evaluate.domains:
             raise ValueError(

@@ -143,3 +143,25 @@ def sweep(param: str, points: list[tuple[object, float]], references: dict[str, 
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     _save(fig, path, dpi)
+
+
+def transfer(domain: str, bars: list[tuple[str, float, str]], dense: float | None, path: Path,
+             dpi: int = 150) -> None:
+    """Transfer to ``domain``: PPL on its test text of the general masks and of the masks learned
+    on it from each prior (a learned general mask vs a one-shot mask). bars: (label, PPL, row)."""
+    fig, ax = plt.subplots(figsize=(6.8, 0.5 * len(bars) + 1.5))
+    labels = [b[0] for b in bars]
+    vals = [b[1] for b in bars]
+    ax.barh(labels, vals, color=[COLORS.get(b[2], "#888") for b in bars])
+    for y, v in enumerate(vals):
+        ax.text(v, y, f" {v:.1f}", va="center", fontsize=9)
+    if dense is not None:
+        ax.axvline(dense, color="k", ls="--", lw=1)
+        ax.text(dense, len(bars) - 0.45, f" dense {dense:.1f}", fontsize=9)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    everything = vals + ([dense] if dense is not None else [])
+    ax.set_xlim(left=min(everything) / 1.5, right=max(everything) * 3)
+    ax.set_xlabel(f"{domain} test perplexity (log scale, lower is better)")
+    ax.set_title(f"transfer to {domain}: learned general mask vs one-shot mask as the prior", fontsize=10)
+    _save(fig, path, dpi)

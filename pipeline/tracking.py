@@ -358,24 +358,77 @@ def _value(text: str):
     return text
 
 
+def _defaults() -> dict[str, str]:
+    """Flat default params: a parent logged before a param existed had its default value."""
+    from pipeline.config import Params
+
+    return flat_params(Params())
+
+
+def _matches(p: dict[str, str], current: dict[str, str], free: tuple[str, ...], defaults: dict[str, str]) -> bool:
+    return all(p.get(k, defaults.get(k)) == v for k, v in current.items() if k not in free)
+
+
+def _parents(c, experiment: str) -> list:
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], "tags.role = 'pipeline'", max_results=5000,
+                         order_by=["attributes.start_time ASC"])
+
+
+def prior_label(p: dict[str, str]) -> str:
+    """``learn.prior`` as a reader should see it: a prior file by its name."""
+    prior = p.get("learn.prior", "")
+    return f"file:{Path(p['learn.prior_file']).stem}" if prior == "file" and p.get("learn.prior_file") else prior
+
+
 def sweep_points(params, dataset: str, metric: str) -> dict[str, list[tuple[object, float]]]:
     """For each swept param: (value, metric) of every pipeline state that differs from the
     current one in that param alone (latest run per value)."""
     c = client()
-    exp = c.get_experiment_by_name(experiment_name(model_label(params), dataset, params.sparsity.n, params.sparsity.m))
-    if exp is None:
-        return {}
-    parents = c.search_runs([exp.experiment_id], "tags.role = 'pipeline'", max_results=5000,
-                            order_by=["attributes.start_time ASC"])
+    parents = _parents(c, experiment_name(model_label(params), dataset, params.sparsity.n, params.sparsity.m))
     current = {k: v for k, v in flat_params(params).items() if not k.startswith(IRRELEVANT)}
+    defaults = _defaults()
     out = {}
     for swept in SWEEPS:
+        # the prior and its file are one choice
+        free = (swept, "learn.prior_file") if swept == "learn.prior" else (swept,)
         points = {}
         for run in parents:
             p = run.data.params
-            if metric in run.data.metrics and swept in p and all(
-                    p.get(k) == v for k, v in current.items() if k != swept):
-                points[p[swept]] = run.data.metrics[metric]
+            if metric in run.data.metrics and swept in p and _matches(p, current, free, defaults):
+                points[prior_label(p) if swept == "learn.prior" else p[swept]] = run.data.metrics[metric]
         if len(points) >= 2:
             out[swept] = [(_value(k), v) for k, v in points.items()]
+    return out
+
+
+# a transfer run differs from the general one in its training domain and its prior only
+TRANSFER_FREE = ("data.source", "learn.prior", "learn.prior_file", "evaluate.domains")
+
+
+def transfer_states(params) -> dict[str, list[dict]]:
+    """Pipeline states of the same model, N:M and hyperparameters learned on another domain D
+    (a transfer sweep) -> {D: [{"prior": label, "ppl": {method: PPL on D}}]}; only domains
+    where at least one state used a mask file as its prior (``learn.prior=file``)."""
+    from pipeline.config import Data
+
+    c = client()
+    current = {k: v for k, v in flat_params(params).items() if not k.startswith(IRRELEVANT)}
+    defaults = _defaults()
+    out = {}
+    for domain in Data.model_fields["source"].annotation.__args__:
+        if domain == params.data.source:
+            continue
+        states = {}
+        for run in _parents(c, experiment_name(model_label(params), domain, params.sparsity.n, params.sparsity.m)):
+            p, metrics = run.data.params, run.data.metrics
+            if p.get("data.source") != domain or not _matches(p, current, TRANSFER_FREE, defaults):
+                continue
+            ppl = {k.split(".")[1]: v for k, v in metrics.items() if k.startswith("ppl.") and k.endswith(f".{domain}")}
+            if "maskllm" in ppl:
+                states[prior_label(p)] = {"prior": prior_label(p), "ppl": ppl}  # latest run per prior
+        if any(label.startswith("file:") for label in states):
+            out[domain] = list(states.values())
     return out

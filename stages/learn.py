@@ -15,9 +15,11 @@ from pipeline.masks_io import load_masks
 from pipeline.modeling import default_device, load_model
 from pipeline.stage import run_stage
 from pipeline.tracking import learn_run
+from pipeline.transfer import PriorFileError, file_sha256, load_prior_file
 
 DATA, DENSE, PRIOR = Path("artifacts/data"), Path("artifacts/dense"), Path("artifacts/prior")
 OUT, CKPT = Path("artifacts/learn"), Path("artifacts/learn_ckpt")
+PRIOR_FILE = Path("artifacts/prior_file.json")  # the prior_file stage's hash of learn.prior_file
 CURVE = Path("plots/learn_curve.csv")
 
 
@@ -30,8 +32,17 @@ def main(params):
 
         device = f"cuda:{d.rank % torch.cuda.device_count()}"
     model = load_model(DENSE, "float32", device)
-    prior_file = None if cfg.prior == "none" or cfg.prior_strength == 0 else PRIOR / cfg.prior / "mask.safetensors"
-    priors = load_masks(prior_file) if prior_file else None
+    prior_file, priors = None, None
+    if cfg.prior == "file" and cfg.prior_strength > 0:  # transfer: a learned mask (pipeline/transfer.py)
+        prior_file = Path(cfg.prior_file)
+        expected = json.loads(PRIOR_FILE.read_text()).get("sha256")
+        if file_sha256(prior_file) != expected:
+            raise PriorFileError(f"learn.prior_file={cfg.prior_file!r} changed after the prior_file stage "
+                                 "hashed it: rerun `dvc repro`")
+        priors, _ = load_prior_file(prior_file, model, sp.n, sp.m, DENSE)
+    elif cfg.prior not in ("none", "file") and cfg.prior_strength > 0:
+        prior_file = PRIOR / cfg.prior / "mask.safetensors"
+        priors = load_masks(prior_file)
     train = load_tokens(DATA / "train.npy")
     ckpt = Checkpoint(CKPT, fingerprint(cfg, sp, prior_file, extra=f"world={d.world}"))
 
@@ -59,7 +70,10 @@ def write_outputs(result, cfg, d) -> None:
     with atomic_dir(OUT) as tmp:
         save_file(result.masks.logits_state_dict(), tmp / "logits.safetensors")
         # no wall time or resume point here: a resumed run must produce the same output
-        write_json(tmp / "info.json", {"steps": cfg.steps, "prior": cfg.prior, "world_size": d.world})
+        info = {"steps": cfg.steps, "prior": cfg.prior, "world_size": d.world}
+        if cfg.prior == "file":
+            info["prior_file"] = cfg.prior_file
+        write_json(tmp / "info.json", info)
     write_curve(CURVE, result.curve)
     last = result.curve[-1]
     write_json(Path("metrics/learn.json"), {"final_ce": last["ce"], "final_flip_rate": last["flip_rate"],

@@ -1,4 +1,5 @@
 """The DVC pipeline end to end on the micro profile, in temporary copies of the repository."""
+import csv
 import json
 import math
 import socket
@@ -13,6 +14,7 @@ from tests.conftest import BIN, repo_env, run, set_params
 
 DOMAINS = ("wiki", "shakespeare")  # the micro profile's evaluate.domains
 EXPERIMENT = "tiny/wiki/2:4"
+ALWAYS = ["plot", "prior_file"]  # always_changed stages: instant, they run on every repro
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ def test_mlflow_holds_one_parent_with_a_child_per_result(micro_repo):
 def test_second_repro_only_replots_and_duplicates_nothing(micro_copy):
     before = len(mlflow_runs(micro_copy))
     res = dvc(micro_copy, "repro")
-    assert stages_run(res.stdout) == ["plot"], res.stdout
+    assert stages_run(res.stdout) == ALWAYS, res.stdout
     assert "0 run(s) logged, 0 replaced" in res.stdout
     assert len(mlflow_runs(micro_copy)) == before
 
@@ -98,7 +100,7 @@ def test_a_new_domain_evaluates_only_its_own_column(micro_copy, tmp_path):
     res = dvc(micro_copy, "repro")
     ran = stages_run(res.stdout)
     # the data params changed, so data and domains rerun, but their outputs did not change
-    assert ran == sorted(["data", "plot", *(f"domain@{d}" for d in (*DOMAINS, "pydocs")),
+    assert ran == sorted(["data", *ALWAYS, *(f"domain@{d}" for d in (*DOMAINS, "pydocs")),
                           *(f"evaluate@{r}-pydocs" for r in ROWS)]), res.stdout
     m = json.loads((micro_copy / "metrics" / "maskllm" / "pydocs.json").read_text())
     assert m["protocol"]["in_domain"] is False and math.isfinite(m["ppl"])
@@ -114,7 +116,7 @@ def test_learn_ablation_reruns_only_the_maskllm_branch_and_logs_a_new_state(micr
     run(["git", "add", "-A"], micro_copy)
     run(["git", "commit", "-qm", "reproduced"], micro_copy)
     res = dvc(micro_copy, "exp", "run", "-S", "learn.tau=2")
-    assert stages_run(res.stdout) == sorted(["learn", "harden", "row@maskllm", "plot",
+    assert stages_run(res.stdout) == sorted(["learn", "harden", "row@maskllm", *ALWAYS,
                                              *(f"evaluate@maskllm-{d}" for d in DOMAINS)]), res.stdout
     parents = mlflow_runs(micro_copy, "pipeline")
     assert len(parents) == 2
@@ -126,10 +128,39 @@ def test_learn_ablation_reruns_only_the_maskllm_branch_and_logs_a_new_state(micr
     assert len(mine) == len(ROWS) * len(DOMAINS) and mine["metrics.ppl"].map(math.isfinite).all()
     count = len(mlflow_runs(micro_copy))
     again = dvc(micro_copy, "exp", "run", "-S", "learn.tau=2")  # everything cached
-    assert stages_run(again.stdout) == ["plot"], again.stdout
+    assert stages_run(again.stdout) == ALWAYS, again.stdout
     assert len(mlflow_runs(micro_copy)) == count
     names = mlflow_runs(micro_copy, "pipeline").set_index("params.learn.tau").loc["2.0", "tags.dvc_exp_names"]
     assert len(names.split(",")) == 2  # both experiment names are on the one parent
+
+
+def test_a_learned_mask_as_prior_reruns_only_the_maskllm_branch(micro_copy):
+    """learn.prior=file: the workspace's MaskLLM mask, exported and `dvc add`ed, as the prior."""
+    run(["git", "add", "-A"], micro_copy)
+    run(["git", "commit", "-qm", "reproduced"], micro_copy)
+    out = run([str(BIN / "python"), "-m", "pipeline.transfer", "export", "masks/general.safetensors"], micro_copy)
+    assert "learned on wiki" in out.stdout
+    dvc(micro_copy, "add", "masks/general.safetensors")
+    res = dvc(micro_copy, "exp", "run", "-n", "from-file", "-S", "learn.prior=file",
+              "-S", "learn.prior_file=masks/general.safetensors")
+    assert stages_run(res.stdout) == sorted(["learn", "harden", "row@maskllm", *ALWAYS,
+                                             *(f"evaluate@maskllm-{d}" for d in DOMAINS)]), res.stdout
+    assert "masks/general.safetensors: sha256" in res.stdout and "maskllm mask learned on wiki" in res.stdout
+    with open(micro_copy / "plots" / "learn_curve.csv") as f:
+        first = next(csv.DictReader(f))
+    assert float(first["prior_agreement"]) > 0.9  # the run starts from the file's mask
+    parents = mlflow_runs(micro_copy, "pipeline")
+    mine = parents[parents["params.learn.prior"] == "file"]
+    assert len(mine) == 1 and mine["params.learn.prior_file"].iloc[0] == "masks/general.safetensors"
+    assert mine["tags.dvc_exp_name"].iloc[0] == "from-file"
+    # the two priors (one-shot and file) make the learn.prior ablation figure
+    assert "`learn.prior`: 2 values" in (micro_copy / "plots" / "sweeps" / "index.md").read_text()
+    assert (micro_copy / "plots" / "sweeps" / "learn_prior.png").stat().st_size > 0
+
+    # the tiny model is retrained on each data.source: a wiki mask is no prior for it
+    bad = dvc(micro_copy, "exp", "run", "-S", "data.source=shakespeare", "-S", "learn.prior=file",
+              "-S", "learn.prior_file=masks/general.safetensors", check=False)
+    assert bad.returncode != 0 and "was made for other dense weights" in bad.stdout + bad.stderr
 
 
 def test_queued_experiments_in_parallel_land_in_the_one_store(micro_copy):

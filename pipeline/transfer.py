@@ -1,0 +1,145 @@
+"""A mask file as MaskLLM's prior (``learn.prior: file``): transfer of a learned general mask.
+
+MaskLLM's transfer recipe (MASKLLM.md): a mask learned on general text initialises the
+logits of a new run on a downstream domain, the same way a one-shot prior does
+(``alpha * kappa`` on the candidates that agree with it). This module writes such a mask
+with its provenance and reads one back for the learn stage:
+
+    python -m pipeline.transfer export masks/general.safetensors   # the hardened mask of the workspace
+    dvc add masks/general.safetensors
+    dvc exp run -S data.source=shakespeare -S learn.prior=file -S learn.prior_file=masks/general.safetensors
+
+Accepted files: our safetensors masks (``harden``, ``prior@<method>``, or an export of them)
+and the MaskLLM authors' released packed ``.npz``. A mask learned for other dense weights
+is a silent mistake (same shapes, meaningless prior), so an export records the dense
+model's fingerprint and the learn stage refuses a file made for another model.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pipeline.io import atomic_path
+from pipeline.masks_io import import_packed_npz, load_masks
+from pipeline.nm import find_prunable_layers
+
+FORMAT = "nm-masks"
+DENSE_WEIGHTS = "model.safetensors"
+
+
+class PriorFileError(ValueError):
+    """learn.prior_file cannot be used as the prior of this model (message names file and fix)."""
+
+
+def dense_fingerprint(dense_dir: str | Path) -> str:
+    """sha256 (first 16 hex) of the dense stage's weights file: which model a mask was made for."""
+    h = hashlib.sha256()
+    with open(Path(dense_dir) / DENSE_WEIGHTS, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The provenance stored in a safetensors mask's header ({} for an .npz or a bare file)."""
+    if Path(path).suffix != ".safetensors":
+        return {}
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def export_mask(src: str | Path, out: str | Path, *, dense_dir: str | Path, n: int, m: int,
+                learned_on: str, method: str, params_hash: str) -> dict[str, str]:
+    """Copy the mask file ``src`` to ``out`` with its provenance in the safetensors header."""
+    masks = load_masks(src)
+    meta = {"format": FORMAT, "n": str(n), "m": str(m), "dense_sha256": dense_fingerprint(dense_dir),
+            "learned_on": learned_on, "method": method, "params_hash": params_hash,
+            "source_file": str(src)}
+    tensors = {k: v.to(torch.uint8).contiguous() for k, v in sorted(masks.items())}
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return meta
+
+
+def load_prior_file(path: str | Path, model, n: int, m: int, dense_dir: str | Path) -> tuple[dict, dict]:
+    """The masks of ``learn.prior_file`` for ``model`` -> ({param name: bool mask}, provenance).
+
+    Checks what ``attach_masks`` cannot see: the file exists and is a mask format, its N:M
+    (when recorded) is ``sparsity``, it names no layer the model lacks, and it was made for
+    these dense weights (when recorded). Shapes and the exact N:M of every group are
+    checked by ``attach_masks``, layer by layer.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PriorFileError(f"learn.prior_file={str(path)!r} does not exist: export a mask first "
+                             "(python -m pipeline.transfer export <file>) or fix the path")
+    layers = {layer.param_name: layer for layer in find_prunable_layers(model)}
+    if path.suffix == ".npz":  # the MaskLLM authors' packed format: shapes come from the model
+        masks = import_packed_npz(path, {k: tuple(v.module.weight.shape) for k, v in layers.items()})
+        meta = {}
+    elif path.suffix == ".safetensors":
+        masks, meta = load_masks(path), read_metadata(path)
+    else:
+        raise PriorFileError(f"learn.prior_file={str(path)!r}: expected a .safetensors mask (ours) or "
+                             "an .npz (the MaskLLM authors' packed masks)")
+    extra = sorted(set(masks) - set(layers))
+    if extra:
+        raise PriorFileError(f"learn.prior_file={str(path)!r} has masks for {len(extra)} parameter(s) that are "
+                             f"no prunable layer of this model, e.g. {extra[0]!r}: was it made for another model?")
+    if "n" in meta and (int(meta["n"]), int(meta["m"])) != (n, m):
+        raise PriorFileError(f"learn.prior_file={str(path)!r} is a {meta['n']}:{meta['m']} mask but "
+                             f"sparsity is {n}:{m}: set sparsity.n/m to match or export a {n}:{m} mask")
+    if "dense_sha256" in meta:
+        here = dense_fingerprint(dense_dir)
+        if meta["dense_sha256"] != here:
+            raise PriorFileError(
+                f"learn.prior_file={str(path)!r} was made for other dense weights (fingerprint "
+                f"{meta['dense_sha256']}, this pipeline's {here}): a mask only transfers to the model it was "
+                "learned on. With model.source=tiny the dense model is retrained on each data.source; "
+                "use a fixed model (smollm2 or hf) or export the mask from this model")
+    return masks, meta
+
+
+def _export_cli(args) -> None:
+    from pipeline.config import load_params_or_exit
+    from pipeline.tracking import params_hash
+
+    params = load_params_or_exit()
+    src = Path(args.source)
+    if not src.is_file():
+        raise SystemExit(f"error: {src} does not exist: run `dvc repro harden` first (or pass --from)")
+    method = "maskllm" if src.parts[:2] == ("artifacts", "harden") else src.parent.name
+    meta = export_mask(src, args.out, dense_dir=args.dense, n=params.sparsity.n, m=params.sparsity.m,
+                       learned_on=params.data.source, method=method, params_hash=params_hash(params))
+    print(f"[transfer] {args.out}: {method} {meta['n']}:{meta['m']} mask learned on {meta['learned_on']} "
+          f"(dense {meta['dense_sha256']}); use it with -S learn.prior=file -S learn.prior_file={args.out}")
+    if args.json:
+        print(json.dumps(meta, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.transfer", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="write a mask file with its provenance, for learn.prior=file")
+    ex.add_argument("out", help="e.g. masks/general.safetensors")
+    ex.add_argument("--from", dest="source", default="artifacts/harden/mask.safetensors",
+                    help="mask to export (default: the hardened MaskLLM mask of the workspace)")
+    ex.add_argument("--dense", default="artifacts/dense", help="the dense stage's output folder")
+    ex.add_argument("--json", action="store_true", help="also print the provenance")
+    args = ap.parse_args(argv)
+    _export_cli(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
