@@ -71,9 +71,9 @@ sweep-transfer: install       ## learned general mask vs one-shot mask as the pr
 	$(BIN)/python -m pipeline.transfer export $(GENERAL)
 	$(BIN)/dvc add -q $(GENERAL)
 	git add $(GENERAL).dvc $(dir $(GENERAL)).gitignore
-	$(QUEUE) -n transfer-$(TRANSFER_TO)-oneshot -S data.source=$(TRANSFER_TO)
 	$(QUEUE) -n transfer-$(TRANSFER_TO)-general -S data.source=$(TRANSFER_TO) -S learn.prior=file \
 	  -S learn.prior_file=$(GENERAL)
+	$(QUEUE) -n transfer-$(TRANSFER_TO)-oneshot -S data.source=$(TRANSFER_TO)
 	$(BIN)/dvc queue start -j $(JOBS)
 	$(BIN)/python -m pipeline.queue_wait
 	$(MAKE) sweeps-plot
