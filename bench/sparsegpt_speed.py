@@ -1,6 +1,11 @@
 """How much SparseGPT costs on top of the calibration forward passes it cannot avoid.
 
-    .venv/bin/python bench/sparsegpt_speed.py artifacts/dense --nsamples 32 --seqlen 512
+    .venv/bin/python bench/sparsegpt_speed.py            # the default profile (after dvc repro)
+    .venv/bin/python bench/sparsegpt_speed.py --threads 1 --nsamples 32
+
+By default everything is the prior stage's: the dense model of ``artifacts/dense``, the
+calibration windows it samples from ``artifacts/data/train.npy`` and ``prior.*`` /
+``sparsity.*`` of ``params.yaml``; flags override them.
 
 (a) the block-sequential forward passes alone (capture block 0's inputs, then one pass
 per block, no statistics); (b) full SparseGPT 2:4 pruning on the same calibration set
@@ -22,9 +27,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from pipeline.calibration import prune_blockwise
+from pipeline.config import load_params
+from pipeline.data import load_tokens, sample_windows
+from pipeline.modeling import load_model
 from pipeline.oneshot import prune_oneshot
 
 
@@ -38,30 +45,36 @@ def timed(fn) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default="artifacts/dense", help="HF model directory")
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--n", type=int, default=2)
-    parser.add_argument("--m", type=int, default=4)
-    parser.add_argument("--blocksize", type=int, default=128)
+    parser.add_argument("--train", default="artifacts/data/train.npy", help="token file to sample windows from")
+    parser.add_argument("--params", default="params.yaml", help="defaults of the flags below")
+    parser.add_argument("--nsamples", type=int, help="default: prior.nsamples")
+    parser.add_argument("--seqlen", type=int, help="default: prior.seqlen")
+    parser.add_argument("--batch-size", type=int, default=8, help="the prior stage's batch")
+    parser.add_argument("--n", type=int, help="default: sparsity.n")
+    parser.add_argument("--m", type=int, help="default: sparsity.m")
+    parser.add_argument("--blocksize", type=int, help="default: prior.blocksize")
     parser.add_argument("--repeat", type=int, default=1, help="runs of (b), each followed by a run of (a)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default="bench/results/sparsegpt_speed.json")
     args = parser.parse_args()
+    params = load_params(args.params)
+    for key, value in (("nsamples", params.prior.nsamples), ("seqlen", params.prior.seqlen),
+                       ("blocksize", params.prior.blocksize), ("n", params.sparsity.n), ("m", params.sparsity.m)):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(0)
-    calib = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen), generator=gen)
+    model = load_model(args.model).eval()
+    calib = sample_windows(load_tokens(args.train), args.nsamples, args.seqlen, params.prior.seed)
 
     def forward_passes() -> None:
         prune_blockwise(model, calib, lambda layers, stats: None, new_stats=None, batch_size=args.batch_size)
 
     def sparsegpt() -> None:  # pruning a pruned model again costs the same: dense matmuls either way
         prune_oneshot(
-            model, "sparsegpt", calib, args.n, args.m, blocksize=args.blocksize, batch_size=args.batch_size,
-            measure_error=False,
+            model, "sparsegpt", calib, args.n, args.m, params.prior.percdamp, args.blocksize, args.batch_size,
+            measure_error=False,  # the stage's error report is a diagnostic, not part of the method
         )
 
     forward_runs, sparsegpt_runs = [timed(forward_passes)], []
@@ -81,11 +94,13 @@ def main() -> None:
 
     record = {
         "model": args.model,
+        "calibration": f"{args.train}, seed {params.prior.seed}",
         "nsamples": args.nsamples,
         "seqlen": args.seqlen,
         "batch_size": args.batch_size,
         "pattern": f"{args.n}:{args.m}",
         "blocksize": args.blocksize,
+        "percdamp": params.prior.percdamp,
         "forward_seconds": round(forward[0], 2),
         "sparsegpt_seconds": round(pruning[0], 2),
         "ratio": round(ratio, 3),

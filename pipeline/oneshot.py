@@ -16,7 +16,7 @@ from torch import nn
 from pipeline.calibration import InputStats, prune_blockwise
 from pipeline.magnitude import magnitude_mask
 from pipeline.nm import PrunableLayer, check_nm, check_pattern, find_prunable_layers
-from pipeline.sparsegpt import check_blocksize, sparsegpt_prune
+from pipeline.sparsegpt import check_blocksize, sparsegpt_prune_layers
 from pipeline.wanda import wanda_mask
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -78,18 +78,15 @@ def prune_oneshot(
     layers = find_prunable_layers(model, m)  # raises, naming the layer, if in % m != 0
     result = OneShotResult(method, n, m, masks={}, updated_weights={} if method == "sparsegpt" else None)
 
-    def prune_together(group: list[PrunableLayer], stats: InputStats | None) -> None:
-        # rows are pruned independently, so layers fed the same input (q/k/v) are pruned
-        # as one stacked [sum(out), in] weight: one H^-1 factor, one column sweep
-        W = torch.cat([layer.weight().float() for layer in group])
+    def select(W: torch.Tensor, stats: InputStats | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One-shot mask and new weights of a stacked weight W [out, in]."""
         if method == "magnitude":
             mask = magnitude_mask(W, n, m)
-            new = W * mask
-        elif method == "wanda":
-            mask = wanda_mask(W, stats.sq_norms, n, m)
-            new = W * mask
         else:
-            mask, new = sparsegpt_prune(W, stats.hessian, n, m, percdamp, blocksize)
+            mask = wanda_mask(W, stats.sq_norms, n, m)
+        return mask, W * mask
+
+    def record(group: list[PrunableLayer], W, mask, new, stats: InputStats | None) -> None:
         rows = [layer.weight().shape[0] for layer in group]
         for layer, w, w_mask, w_new in zip(group, W.split(rows), mask.split(rows), new.split(rows)):
             check_nm(w_mask, n, m, layer.name)
@@ -105,8 +102,16 @@ def prune_oneshot(
         for layer in block_layers:
             key = id(stats[layer.name]) if layer.name in stats else id(layer)
             groups.setdefault(key, []).append(layer)
-        for group in groups.values():
-            prune_together(group, stats.get(group[0].name))
+        # rows are pruned independently, so layers fed the same input (q/k/v) are pruned
+        # as one stacked [sum(out), in] weight: one H^-1 factor, one column sweep
+        todo = [(group, torch.cat([layer.weight().float() for layer in group]), stats.get(group[0].name))
+                for group in groups.values()]
+        if method == "sparsegpt":  # the block's sweeps are independent: one per core
+            pruned = sparsegpt_prune_layers([(W, st.hessian) for _, W, st in todo], n, m, percdamp, blocksize)
+        else:
+            pruned = [select(W, st) for _, W, st in todo]
+        for (group, W, st), (mask, new) in zip(todo, pruned):
+            record(group, W, mask, new, st)
 
     if calib is None or (method == "magnitude" and not measure_error):
         prune_block(layers, {})

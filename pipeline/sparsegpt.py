@@ -15,11 +15,12 @@ after a block, once per block (one matmul).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import torch
 
-from pipeline.nm import NMError, check_pattern, topn_mask
+from pipeline.nm import NMError, check_pattern
 
 
 @contextmanager
@@ -51,30 +52,40 @@ def obs_sweep(
     """The N:M column sweep: weight [out, in], U [in, in] -> (keep bool [out, in], new weight float32 [out, in]).
 
     Works on ``W^T`` so that the columns it sweeps one by one are contiguous in memory.
+    The sweep is a chain of small dependent ops (one group of M columns at a time), so it
+    is written for few dispatches per group: views split once per block, the in-group
+    OBS coefficients read as Python floats, and the group's mask set in place.
     """
     WT = weight.detach().float().t().contiguous()  # [in, out]: row j of WT is column j of W
     cols = WT.shape[0]
     keepT = torch.zeros_like(WT, dtype=torch.bool)
     d = U.diagonal()
+    d_sq = d.square()[:, None]  # denominators of the scores w^2 / U_jj^2
+    inv_d = (1 / d)[:, None]  # err_j = (w_j - q_j) / U_jj: w_j / U_jj where pruned, 0 where kept
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1, U1 = WT[i1:i2], U[i1:i2, i1:i2]  # W1 is a view: updates land in WT
         Err1 = torch.zeros_like(W1)  # (w_j - q_j) / U_jj of every column of the block
-        for g1 in range(0, i2 - i1, m):
-            g2 = g1 + m
-            # the OBS updates of the block's earlier columns, applied when the group is reached
-            W1[g1:g2].addmm_(U1[:g1, g1:g2].t(), Err1[:g1], alpha=-1)
-            d_g = d[i1 + g1 : i1 + g2, None]
-            keep_g = topn_mask((W1[g1:g2].square() / d_g.square()).t(), n, m).t()  # N best per row of W
-            keepT[i1 + g1 : i1 + g2] = keep_g
-            prune_over_d = ~keep_g / d_g
-            for j in range(g1, g2):
-                Err1[j] = W1[j] * prune_over_d[j - g1]
+        u = U1.tolist()  # scalars for the in-group updates: a list lookup is cheaper than a tensor index
+        groups = zip(
+            range(0, i2 - i1, m),
+            W1.split(m), Err1.split(m), keepT[i1:i2].split(m), d_sq[i1:i2].split(m), inv_d[i1:i2].split(m),
+        )
+        for g1, W_g, Err_g, keep_g, d_sq_g, inv_d_g in groups:
+            if g1:  # the OBS updates of the block's earlier columns, applied when the group is reached
+                W_g.addmm_(U1[:g1, g1 : g1 + m].t(), Err1[:g1], alpha=-1)
+            # N best per row of W by w^2 / U_jj^2, chosen once at the start of the group
+            keep_g.scatter_(0, W_g.square().div_(d_sq_g).topk(n, dim=0).indices, True)
+            w, err = W_g.unbind(), Err_g.unbind()
+            prune_over_d = torch.where(keep_g, 0.0, inv_d_g).unbind()
+            for j in range(m):
+                torch.mul(w[j], prune_over_d[j], out=err[j])
                 # column j itself would become q_j: left as is, the final W * keep does it
-                W1[j + 1 : g2].addr_(U1[j, j + 1 : g2], Err1[j], alpha=-1)
+                for k in range(j + 1, m):
+                    w[k].add_(err[j], alpha=-u[g1 + j][g1 + k])
         WT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
     WT.mul_(keepT)  # pruned weights exactly zero, not zero up to rounding
-    return keepT.t().contiguous(), WT.t().contiguous()
+    return keepT.t(), WT.t()  # views: the caller's copy into the layer does the transpose once
 
 
 def sparsegpt_prune(
@@ -86,14 +97,43 @@ def sparsegpt_prune(
     blocksize: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT N:M (N kept): weight [out, in], H [in, in] -> (mask bool [out, in], new weight float32 [out, in])."""
+    return sparsegpt_prune_layers([(weight, hessian)], n, m, percdamp, blocksize)[0]
+
+
+def sparsegpt_prune_layers(
+    layers: list[tuple[torch.Tensor, torch.Tensor]],
+    n: int,
+    m: int,
+    percdamp: float = 0.01,
+    blocksize: int = 128,
+    workers: int | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`sparsegpt_prune` of independent layers, ``[(weight, H), ...]``, up to ``workers`` at a time.
+
+    Every layer is pruned on one thread, so the results are those of one layer after the
+    other; ``workers`` (default: torch's thread count) puts the otherwise idle cores to work
+    on the other layers of the block. Torch ops release the GIL while they run.
+    """
     check_pattern(n, m)
     check_blocksize(blocksize, m)
-    if weight.shape[1] % m:
-        raise NMError(f"sparsegpt: input width {weight.shape[1]} is not divisible by m={m}")
-    with one_thread():
+    for weight, _ in layers:
+        if weight.shape[1] % m:
+            raise NMError(f"sparsegpt: input width {weight.shape[1]} is not divisible by m={m}")
+    workers = max(1, min(len(layers), workers or torch.get_num_threads()))
+
+    def prune(layer: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        weight, hessian = layer
         U, dead = inverse_hessian_factor(hessian, percdamp)
         weight = weight.detach().float().masked_fill(dead[None, :], 0)
         return obs_sweep(weight, U, n, m, blocksize)
+
+    # one_thread is entered once, here: new threads take torch's global thread count (1)
+    # when they first run a parallel op, and none of them changes it
+    with one_thread():
+        if workers == 1:
+            return [prune(layer) for layer in layers]
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(prune, layers))
 
 
 def check_blocksize(blocksize: int, m: int) -> None:

@@ -6,7 +6,7 @@ from pipeline.calibration import InputStats
 from pipeline.magnitude import magnitude_mask
 from pipeline.nm import NMError, is_nm
 from pipeline.oneshot import relative_error
-from pipeline.sparsegpt import inverse_hessian_factor, one_thread, sparsegpt_prune
+from pipeline.sparsegpt import inverse_hessian_factor, one_thread, sparsegpt_prune, sparsegpt_prune_layers
 from pipeline.wanda import wanda_mask
 
 
@@ -87,6 +87,26 @@ def test_inverse_hessian_factor_is_upper_cholesky_of_inverse():
     # the three-step form of the SparseGPT reference gives the same factor
     reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
     torch.testing.assert_close(U, reference.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_layers_pruned_concurrently_match_one_by_one():
+    """A block's layers pruned a thread each: the masks and weights of one layer after the other, bit for bit."""
+    gen = torch.Generator().manual_seed(7)
+    layers = [(torch.randn(out, width, generator=gen), hessian_of(correlated_inputs(256, width, seed=out)))
+              for out, width in ((24, 32), (8, 32), (16, 64))]
+    alone = [sparsegpt_prune(W, H, 2, 4, blocksize=16) for W, H in layers]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        together = sparsegpt_prune_layers(layers, 2, 4, blocksize=16, workers=3)
+        assert torch.get_num_threads() == 2  # one thread per sweep while they run, then restored
+    finally:
+        torch.set_num_threads(threads)
+    assert len(together) == len(layers)
+    for (mask_a, new_a), (mask_b, new_b) in zip(alone, together):
+        assert torch.equal(mask_a, mask_b) and torch.equal(new_a, new_b)
+    with pytest.raises(NMError, match="input width 30"):
+        sparsegpt_prune_layers([*layers, (torch.randn(4, 30), torch.eye(30))], 2, 4, workers=2)
 
 
 def test_blocksize_must_be_a_multiple_of_m():
