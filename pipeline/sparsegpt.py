@@ -67,16 +67,17 @@ def obs_sweep(
         W1, U1 = WT[i1:i2], U[i1:i2, i1:i2]  # W1 is a view: updates land in WT
         Err1 = torch.zeros_like(W1)  # (w_j - q_j) / U_jj of every column of the block
         u = U1.tolist()  # scalars for the in-group updates: a list lookup is cheaper than a tensor index
+        rows, errs = W1.unbind(), Err1.unbind()  # one view per column of W, made once per block
         groups = zip(
             range(0, i2 - i1, m),
-            W1.split(m), Err1.split(m), keepT[i1:i2].split(m), d_sq[i1:i2].split(m), inv_d[i1:i2].split(m),
+            W1.split(m), U1.t().split(m), keepT[i1:i2].split(m), d_sq[i1:i2].split(m), inv_d[i1:i2].split(m),
         )
-        for g1, W_g, Err_g, keep_g, d_sq_g, inv_d_g in groups:
+        for g1, W_g, U_g, keep_g, d_sq_g, inv_d_g in groups:
             if g1:  # the OBS updates of the block's earlier columns, applied when the group is reached
-                W_g.addmm_(U1[:g1, g1 : g1 + m].t(), Err1[:g1], alpha=-1)
+                W_g.addmm_(U_g[:, :g1], Err1[:g1], alpha=-1)
             # N best per row of W by w^2 / U_jj^2, chosen once at the start of the group
             keep_g.scatter_(0, W_g.square().div_(d_sq_g).topk(n, dim=0).indices, True)
-            w, err = W_g.unbind(), Err_g.unbind()
+            w, err = rows[g1 : g1 + m], errs[g1 : g1 + m]
             prune_over_d = torch.where(keep_g, 0.0, inv_d_g).unbind()
             for j in range(m):
                 torch.mul(w[j], prune_over_d[j], out=err[j])
@@ -132,8 +133,12 @@ def sparsegpt_prune_layers(
     with one_thread():
         if workers == 1:
             return [prune(layer) for layer in layers]
+        # the widest layers first (their H^-1 factor and sweep take longest): the last one
+        # to start is then a short one, and the workers finish together
+        order = sorted(range(len(layers)), key=lambda i: tuple(layers[i][0].shape[::-1]), reverse=True)
         with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(prune, layers))
+            results = dict(zip(order, pool.map(prune, [layers[i] for i in order])))
+        return [results[i] for i in range(len(layers))]
 
 
 def check_blocksize(blocksize: int, m: int) -> None:
