@@ -33,7 +33,7 @@ repro: install pydocs
 	$(BIN)/dvc metrics show
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 micro: install  ## the whole pipeline on the micro profile, as a DVC experiment
 	$(BIN)/dvc exp run $$($(BIN)/python -m pipeline.profile micro)

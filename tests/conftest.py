@@ -3,6 +3,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -66,11 +67,26 @@ def set_params(repo: Path, overrides: dict) -> None:
 
 
 @pytest.fixture(scope="session")
-def micro_base(tmp_path_factory):
-    """The micro profile's whole pipeline reproduced once; tests work on copies of it."""
-    repo = copy_repo(tmp_path_factory.mktemp("micro") / "repo", micro_overrides())
-    res = run([str(BIN / "dvc"), "repro"], repo)
-    return repo, res
+def micro_base(tmp_path_factory, request):
+    """The micro profile's whole pipeline reproduced once; tests work on copies of it.
+
+    Under pytest-xdist the workers share one build: the first to ask builds it under a file
+    lock in their common temporary directory, the others wait for it and reuse it.
+    """
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if hasattr(request.config, "workerinput"):  # an xdist worker: basetemp is per worker
+        root = root.parent
+    home = root / "micro-shared"
+    repo, log = home / "repo", home / "repro.stdout"
+    with FileLock(str(root / "micro-shared.lock")):
+        if not log.is_file():  # not built yet, or a build that failed: start afresh
+            shutil.rmtree(home, ignore_errors=True)
+            repo.mkdir(parents=True)
+            res = run([str(BIN / "dvc"), "repro"], copy_repo(repo, micro_overrides()))
+            log.write_text(res.stdout)
+    return repo, SimpleNamespace(stdout=log.read_text())
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import shutil
 import socket
 import subprocess
 import time
@@ -18,8 +19,12 @@ ALWAYS = ["plot", "prior_file"]  # always_changed stages: instant, they run on e
 
 
 @pytest.fixture(scope="module")
-def micro_repo(micro_base):
-    return micro_base
+def micro_repo(micro_base, tmp_path_factory):
+    """A copy of the reproduced micro repository for this module's read-only checks (dvc
+    commands write in .dvc/tmp, and other xdist workers copy the shared build meanwhile)."""
+    repo = tmp_path_factory.mktemp("micro_repo") / "repo"
+    shutil.copytree(micro_base[0], repo, symlinks=True)
+    return repo, micro_base[1]
 
 
 def stages_run(stdout: str) -> list[str]:
