@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,27 +67,53 @@ def set_params(repo: Path, overrides: dict) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(apply_overrides(raw, overrides), sort_keys=False))
 
 
-@pytest.fixture(scope="session")
-def micro_base(tmp_path_factory, request):
-    """The micro profile's whole pipeline reproduced once; tests work on copies of it.
+MICRO = ("micro_base", "micro_copy", "micro_repo")  # fixtures that need the micro pipeline build
 
-    Under pytest-xdist the workers share one build: the first to ask builds it under a file
-    lock in their common temporary directory, the others wait for it and reuse it.
-    """
+
+def pytest_collection_modifyitems(config, items):
+    """Tests on the micro build last: the unit tests run while it builds in the background."""
+    items.sort(key=lambda item: any(name in item.fixturenames for name in MICRO))
+
+
+def _shared_home(tmp_path_factory, config) -> Path:
+    root = tmp_path_factory.getbasetemp()
+    if hasattr(config, "workerinput"):  # an xdist worker: basetemp is per worker
+        root = root.parent
+    return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _micro_build(tmp_path_factory, request):
+    """Start the micro profile's `dvc repro` in the background as the session starts, once
+    for all xdist workers (file lock), if any selected test needs it."""
+    if not any(name in item.fixturenames for item in request.session.items for name in MICRO):
+        return
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp()
-    if hasattr(request.config, "workerinput"):  # an xdist worker: basetemp is per worker
-        root = root.parent
+    root = _shared_home(tmp_path_factory, request.config)
     home = root / "micro-shared"
-    repo, log = home / "repo", home / "repro.stdout"
     with FileLock(str(root / "micro-shared.lock")):
-        if not log.is_file():  # not built yet, or a build that failed: start afresh
+        if not (home / "started").is_file():
             shutil.rmtree(home, ignore_errors=True)
-            repo.mkdir(parents=True)
-            res = run([str(BIN / "dvc"), "repro"], copy_repo(repo, micro_overrides()))
-            log.write_text(res.stdout)
-    return repo, SimpleNamespace(stdout=log.read_text())
+            repo = copy_repo(home / "repo", micro_overrides())
+            subprocess.Popen(["sh", "-c", f'"{BIN / "dvc"}" repro >../repro.stdout 2>../repro.stderr; echo $? >../repro.rc'],
+                             cwd=repo, env=repo_env(), start_new_session=True)
+            (home / "started").touch()
+
+
+@pytest.fixture(scope="session")
+def micro_base(_micro_build, tmp_path_factory, request):
+    """The micro profile's whole pipeline reproduced once (in the background, from the
+    session's start); tests work on copies of it. The xdist workers share the one build."""
+    home = _shared_home(tmp_path_factory, request.config) / "micro-shared"
+    rc, deadline = home / "repro.rc", time.monotonic() + 1500
+    while not (rc.is_file() and rc.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(1)
+    code = rc.read_text().strip() if rc.is_file() else "still running after 1500 s"
+    if code != "0":
+        raise AssertionError(f"micro `dvc repro` failed ({code}):\n"
+                             + (home / "repro.stdout").read_text()[-4000:] + (home / "repro.stderr").read_text()[-4000:])
+    return home / "repo", SimpleNamespace(stdout=(home / "repro.stdout").read_text())
 
 
 @pytest.fixture
