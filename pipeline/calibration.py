@@ -24,20 +24,6 @@ from tqdm.auto import tqdm
 from pipeline.nm import PrunableLayer, find_blocks, find_prunable_layers
 
 
-def calibration_windows(train_tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``nsamples`` random windows of ``seqlen`` tokens: 1-D LongTensor -> LongTensor [nsamples, seqlen]."""
-    if train_tokens.ndim != 1:
-        raise ValueError(f"calibration: expected a 1-D token array, got shape {tuple(train_tokens.shape)}")
-    if train_tokens.numel() < seqlen:
-        raise ValueError(
-            f"calibration: {train_tokens.numel()} training tokens are fewer than seqlen={seqlen}; "
-            "lower seqlen or use a larger train split"
-        )
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, train_tokens.numel() - seqlen + 1, (nsamples,), generator=gen)
-    return train_tokens[starts[:, None] + torch.arange(seqlen)]
-
-
 # ---------------------------------------------------------------- per-layer statistics
 
 class InputStats:

