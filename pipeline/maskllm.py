@@ -21,42 +21,40 @@ Usage (what a learn stage does)::
 
 Implementation notes:
 
-- Sampling is torch's soft Gumbel-softmax with the noise of ``torch.distributions.Gumbel``, the
-  mask a torch parametrization of the frozen weight, gradients plain autograd, and the memory
-  saving ``torch.utils.checkpoint``: nothing here re-derives what torch already has.
-- Layout: the logits of a layer are the ``[G, C]`` tensor of the paper, stored candidate-major
-  (strides ``(1, G)``): the softmax over the C candidates then runs across contiguous rows of
-  G groups, ~4x faster on CPU than a softmax over a last dim of 6.
-- Memory: with ``MaskState.recompute`` the sample y (1.5 floats per weight at 2:4) is not kept
-  for backward but redrawn from the same RNG state (checkpointing restores it).
+- The per-weight work (noise, softmax over the C(M, N) candidates, the candidate mix, ``W * mask``,
+  the squared norm, and their backward) is one fused function, ``pipeline.mask_kernel.masked_weight``:
+  a C++ pass per layer on CPU, torch ops elsewhere. Its Gumbel noise is counter-based (a hash of
+  seed, step, layer and position), so nothing is kept for backward, every data-parallel or FSDP rank
+  draws the same sample, and a resumed run draws what an uninterrupted one would.
+- The mask is a torch parametrization of the frozen weight (``nn.Linear``, GPT-2 ``Conv1D`` or fused
+  3-D expert weights alike); the logits ``[G, C]`` are one contiguous float32 parameter per layer
+  (FSDP shards them along the groups).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils.checkpoint import checkpoint
 
+from pipeline.mask_kernel import as_3d, masked_weight, noise_key, sample_reference
 from pipeline.nm import NMError, candidates as make_candidates, check_nm, find_prunable_layers
 
 __all__ = [
     "Schedule", "MaskState", "MaskSet", "LearnableMask",
     "init_logits", "prior_overlap", "apply_prior", "sample_candidate_weights",
-    "soft_mask", "masked_weight", "harden", "sparse_weight_regularizer",
-    "attach_masks", "make_optimizer", "train_step",
+    "soft_mask", "harden", "attach_masks", "make_optimizer", "train_step",
 ]
 
 
 # ------------------------------------------------------------------ the math, on one layer
 
 def init_logits(groups: int, n_candidates: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Logits pi ~ N(0, 0.01^2), float32 ``[G, C]``, stored candidate-major (see module note)."""
-    pi = torch.randn(groups, n_candidates, generator=generator) * 0.01
-    return torch.empty(n_candidates, groups).t().copy_(pi)
+    """Logits pi ~ N(0, 0.01^2), float32 ``[G, C]``, contiguous."""
+    return torch.randn(groups, n_candidates, generator=generator) * 0.01
 
 
 def prior_overlap(prior_mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -70,24 +68,18 @@ def prior_overlap(prior_mask: torch.Tensor, candidates: torch.Tensor) -> torch.T
 
 def apply_prior(logits: torch.Tensor, prior_mask: torch.Tensor, candidates: torch.Tensor,
                 prior_strength: float) -> torch.Tensor:
-    """pi_gi + alpha * std(pi) * overlap_gi (std over the whole layer) -> ``[G, C]``, logits' layout."""
-    shift = prior_strength * logits.std() * prior_overlap(prior_mask, candidates)
-    return logits.clone().add_(shift)  # clone keeps the candidate-major layout
+    """pi_gi + alpha * std(pi) * overlap_gi (std over the whole layer) -> ``[G, C]``."""
+    return logits + prior_strength * logits.std() * prior_overlap(prior_mask, candidates)
 
 
-def sample_candidate_weights(logits: torch.Tensor, temperature: float, logit_scale: float) -> torch.Tensor:
+def sample_candidate_weights(logits: torch.Tensor, temperature: float, logit_scale: float,
+                             key: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """y_g = softmax((kappa * pi_g + G_g) / tau), G ~ Gumbel(0, 1), over the candidates: ``[G, C]``.
 
-    The soft Gumbel-softmax of ``F.gumbel_softmax``, with its noise from torch's
-    ``distributions.Gumbel`` (inverse CDF of ``uniform_``) instead of ``-log(exponential_)``:
-    the same distribution, 2.6x faster on CPU, where drawing 1.5 numbers per weight was the
-    step's largest cost (tests/test_maskllm.py checks both against each other).
-    Draws from the global RNG, so a seeded step (and its checkpointed recompute) redraws it.
+    ``key`` selects the noise (``mask_kernel.noise_key(seed, step, layer)``): the draw the fused
+    kernel makes for the same key, here in plain torch ops.
     """
-    z = torch.distributions.Gumbel(logits.new_zeros(()), logits.new_ones(()), validate_args=False).rsample(
-        (logits.shape[1], logits.shape[0]))  # [C, G]: candidate-major like the logits
-    z = z.add_(logits.t(), alpha=logit_scale).div_(temperature)
-    return torch.softmax(z, dim=0).t()
+    return sample_reference(logits, key, temperature, logit_scale)
 
 
 def soft_mask(y: torch.Tensor, candidates: torch.Tensor, shape: torch.Size | tuple[int, int]) -> torch.Tensor:
@@ -98,12 +90,6 @@ def soft_mask(y: torch.Tensor, candidates: torch.Tensor, shape: torch.Size | tup
 def harden(logits: torch.Tensor, candidates: torch.Tensor, shape: torch.Size | tuple[int, int]) -> torch.Tensor:
     """Final mask: the highest-logit candidate of every group, no sampling -> bool ``[out, in]``."""
     return candidates[logits.argmax(dim=-1)].bool().reshape(shape)
-
-
-def sparse_weight_regularizer(weights: list[torch.Tensor], masks: list[torch.Tensor],
-                              reg_weight: float) -> torch.Tensor:
-    """-lambda * sum_layers ||W * M||_F^2 (scalar): rewards keeping large weights."""
-    return -reg_weight * sum((w * m).square().sum() for w, m in zip(weights, masks))
 
 
 # ------------------------------------------------------------------ schedules and shared state
@@ -139,55 +125,50 @@ class MaskState:
     temperature: float = 4.0
     logit_scale: float = 1e2
     hard: bool = False  # argmax candidates, no sampling (evaluation)
-    # redraw y in backward instead of keeping it: saves 1.5 floats per weight at 2:4, costs a
-    # second draw (~+8 % step time on CPU); off by default, on where memory is what limits
-    recompute: bool = False
-    track_confidence: bool = False  # record mean max_i y_gi of each sample (one extra pass)
+    seed: int = 0  # the noise of a layer at a step is a function of (seed, step, layer)
+    step: int = 0
+    track_confidence: bool = False  # record mean max_i y_gi of each sample
 
 
 # ------------------------------------------------------------------ one layer's masked weight
 
-def masked_weight(weight: torch.Tensor, logits: torch.Tensor, candidates: torch.Tensor, temperature: float,
-                  logit_scale: float, stats: dict | None = None) -> torch.Tensor:
-    """W * soft_mask(y) for one freshly drawn y; ``weight`` is ``[out, in]``."""
-    y = sample_candidate_weights(logits, temperature, logit_scale)
-    if stats is not None:
-        stats["confidence"] = y.detach().amax(dim=-1).mean()
-    return weight * soft_mask(y, candidates, weight.shape).to(weight.dtype)
-
-
 class LearnableMask(nn.Module):
-    """Parametrization ``W -> W * soft_mask`` of one layer; holds its logits ``[G, C]``."""
+    """Parametrization ``W -> W * soft_mask`` of one weight; holds its logits ``[G, C]``.
 
-    def __init__(self, logits: torch.Tensor, candidates: torch.Tensor, state: MaskState, transposed: bool):
+    ``view`` maps the stored weight to its logical ``[out, in]`` / ``[E, out, in]`` view (None: it is
+    stored so; GPT-2 Conv1D: a transpose); ``index``: the layer's position in the model, which keys
+    its noise.
+    """
+
+    def __init__(self, logits: torch.Tensor, candidates: torch.Tensor, state: MaskState, view=None,
+                 index: int = 0):
         super().__init__()
-        self.logits = nn.Parameter(logits)
+        self.logits = nn.Parameter(logits.contiguous())
         self.register_buffer("candidates", candidates, persistent=False)
         self.state = state
-        self.transposed = transposed  # GPT-2 Conv1D stores W as [in, out]
+        self.view = view
+        self.index = index
         self.sq_norm = None  # ||W * M||^2 of the last training forward (graph attached)
         self.stats: dict = {}
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        w = weight.t() if self.transposed else weight  # [out, in]
         if self.state.hard:
-            masked = w * self.hard_mask(w.shape).to(w.dtype)
-        else:
-            stats = self.stats if self.state.track_confidence else None
-            args = (w, self.logits, self.candidates, self.state.temperature, self.state.logit_scale, stats)
-            if self.state.recompute and torch.is_grad_enabled():
-                # keep only the inputs; backward redraws y from the restored RNG state
-                masked = checkpoint(masked_weight, *args, use_reentrant=False, preserve_rng_state=True)
-            else:
-                masked = masked_weight(*args)
-            if torch.is_grad_enabled():
-                # the regulariser of this very sample, summed in float32 (bf16 would lose it)
-                self.sq_norm = masked.square().sum(dtype=torch.float32)
-        return masked.t() if self.transposed else masked
+            return torch.where(self.hard_mask(weight.shape), weight, torch.zeros((), dtype=weight.dtype))
+        key = noise_key(self.state.seed, self.state.step, self.index)
+        out, sq_norm, confidence = masked_weight(weight, self.logits, self.candidates, key, self.state.temperature,
+                                                 self.state.logit_scale, self.view)
+        if torch.is_grad_enabled():
+            self.sq_norm = sq_norm  # the regulariser of this very sample, summed in float64
+        if self.state.track_confidence:
+            self.stats["confidence"] = float(confidence) / self.logits.shape[0]
+        return out
 
     def hard_mask(self, shape) -> torch.Tensor:
-        """Argmax candidate of every group -> bool ``[out, in]``."""
-        return harden(self.logits.detach(), self.candidates, shape)
+        """Argmax candidate of every group -> bool, shaped like the stored weight."""
+        mask = torch.zeros(shape, dtype=torch.bool, device=self.logits.device)
+        target = as_3d(mask, self.view)  # written through the logical view: the groups' order
+        target.copy_(harden(self.logits.detach(), self.candidates, target.shape))
+        return mask
 
 
 # ------------------------------------------------------------------ all layers of a model
@@ -199,19 +180,30 @@ def _choice_dtype(n_candidates: int) -> torch.dtype:
 class MaskSet:
     """The learnable masks of one model, keyed by parameter name (``model.layers.0.mlp.up_proj.weight``)."""
 
-    def __init__(self, model: nn.Module, n: int, m: int, layers: dict, state: MaskState,
+    def __init__(self, n: int, m: int, layers: dict, state: MaskState,
                  prior_choice: dict[str, torch.Tensor] | None):
-        self.model, self.n, self.m, self.state = model, n, m, state
+        self.n, self.m, self.state = n, m, state
         self.layers = layers  # param_name -> (PrunableLayer, LearnableMask)
-        self._prior_choice = prior_choice  # param_name -> prior's candidate index per group
-        self._last_choice = self._choices()
+        # param_name -> (the prior's candidate index of the groups this process holds, first group)
+        self._prior_choice = None if prior_choice is None else {k: (c, 0) for k, c in prior_choice.items()}
         self.last_regularizer = float("nan")
+        self.reset_diagnostics()
+
+    def reset_diagnostics(self) -> None:
+        """Take the current choices as the reference of the next flip rate; once the logits are
+        sharded, keep only this process's rows of the prior's choices."""
+        self._last_choice = self._choices()
+        if self._prior_choice is not None:
+            for k, (mine, start) in self._last_choice.items():
+                held, held_start = self._prior_choice[k]
+                self._prior_choice[k] = (held[start - held_start:start - held_start + len(mine)], start)
 
     def parameters(self) -> list[nn.Parameter]:
         return [mask.logits for _, mask in self.layers.values()]
 
     def set_step(self, schedule: Schedule, t: int) -> float:
-        """Set tau, kappa for step t; returns lambda(t)."""
+        """Set tau, kappa and the noise of step t; returns lambda(t)."""
+        self.state.step = t
         self.state.temperature = schedule.temperature_at(t)
         self.state.logit_scale = schedule.logit_scale_at(t)
         return schedule.reg_weight_at(t)
@@ -225,7 +217,7 @@ class MaskSet:
                                    "run a training forward (grad enabled, not hard) first")
             norms.append(mask.sq_norm)
             mask.sq_norm = None  # do not keep the graph alive past this step
-        reg = -reg_weight * torch.stack(norms).sum()
+        reg = (-reg_weight * torch.stack(norms).sum()).float()  # the sum in float64, the loss in float32
         self.last_regularizer = float(reg.detach())
         return reg
 
@@ -238,39 +230,50 @@ class MaskSet:
         finally:
             self.state.hard = previous
 
-    def _choices(self) -> dict[str, torch.Tensor]:
-        return {name: mask.logits.detach().argmax(-1).to(_choice_dtype(mask.logits.shape[1]))
-                for name, (_, mask) in self.layers.items()}
+    def _choices(self) -> dict[str, tuple[torch.Tensor, int]]:
+        """{name: (argmax candidate of this process's groups, index of its first group)}."""
+        out = {}
+        for name, (_, mask) in self.layers.items():
+            local, start = local_rows(mask.logits.detach())
+            out[name] = (local.argmax(-1).to(_choice_dtype(mask.logits.shape[1])), start)
+        return out
 
     def hard_masks(self) -> dict[str, torch.Tensor]:
         """Hardened masks, bool, shaped like the stored parameter (GPT-2 Conv1D: ``[in, out]``)."""
         out = {}
         for name, (layer, mask) in self.layers.items():
-            shape = layer.module.parametrizations.weight.original.shape
-            hard = mask.hard_mask(shape[::-1] if layer.transposed else shape)
-            check_nm(hard, self.n, self.m, name)
-            out[name] = hard.t() if layer.transposed else hard
+            hard = mask.hard_mask(_original(layer).shape)
+            check_nm(as_3d(hard, mask.view), self.n, self.m, name)
+            out[name] = hard
         return out
 
     def diagnostics(self) -> dict[str, float]:
-        """Flip rate since the last call, confidence, agreement with the prior, regulariser value."""
+        """Flip rate since the last call, confidence, agreement with the prior, regulariser value.
+
+        Under FSDP each process counts its own shard of the groups; the counts are summed.
+        """
         current = self._choices()
-        groups = sum(c.numel() for c in current.values())
-        flips = sum(int((current[k] != self._last_choice[k]).sum()) for k in current)
+        counts = [sum(c.numel() for c, _ in current.values()),
+                  sum(int((c != self._last_choice[k][0]).sum()) for k, (c, _) in current.items()), 0]
+        if self._prior_choice is not None:
+            counts[2] = sum(int((c == self._prior_choice[k][0]).sum()) for k, (c, _) in current.items())
+        groups, flips, same = _sum_over_processes(counts, self.parameters())
         self._last_choice = current
         out = {"flip_rate": flips / groups, "regularizer": self.last_regularizer}
-        conf = [(mask.stats["confidence"], mask.logits.shape[0]) for _, mask in self.layers.values()
+        conf = [(mask.stats.pop("confidence"), mask.logits.shape[0]) for _, mask in self.layers.values()
                 if "confidence" in mask.stats]
         if conf:
-            out["confidence"] = float(sum(float(c) * g for c, g in conf) / sum(g for _, g in conf))
+            out["confidence"] = sum(c * g for c, g in conf) / sum(g for _, g in conf)
         if self._prior_choice is not None:
-            same = sum(int((current[k] == self._prior_choice[k]).sum()) for k in current)
             out["prior_agreement"] = same / groups
         return out
 
     def logits_state_dict(self) -> dict[str, torch.Tensor]:
-        """{param_name: logits [G, C]} as contiguous float32 CPU copies (safetensors-ready)."""
-        return {name: mask.logits.detach().to("cpu").contiguous() for name, (_, mask) in self.layers.items()}
+        """{param_name: logits [G, C]} as contiguous float32 CPU copies (safetensors-ready).
+
+        Sharded (FSDP) logits are gathered: every process must call it."""
+        return {name: full_tensor(mask.logits.detach()).to("cpu").contiguous()
+                for name, (_, mask) in self.layers.items()}
 
     def load_logits_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy saved logits in; names and shapes must match exactly."""
@@ -289,52 +292,114 @@ class MaskSet:
     def remove(self) -> None:
         """Remove the parametrizations: the modules get back their plain (frozen) weights."""
         for layer, _ in self.layers.values():
-            parametrize.remove_parametrizations(layer.module, "weight", leave_parametrized=False)
+            parametrize.remove_parametrizations(layer.module, _attr(layer), leave_parametrized=False)
         self.layers = {}
 
 
+def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This process's rows of a (possibly FSDP-sharded) ``[G, C]`` tensor and the first row's index."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t, 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return t.to_local(), int(offset[0])
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (FSDP) one (a collective); a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _sum_over_processes(counts: list[int], params: list[torch.Tensor]) -> list[int]:
+    """Sum integer counts over the processes when the logits are sharded (FSDP), else as they are."""
+    from torch.distributed.tensor import DTensor
+
+    if not params or not isinstance(params[0], DTensor):
+        return counts
+    import torch.distributed as dist
+
+    total = torch.tensor(counts, dtype=torch.int64, device=params[0].to_local().device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def _attr(layer) -> str:
+    """The parametrized attribute: ``weight``, or a fused expert tensor's name (``gate_up_proj``)."""
+    return getattr(layer, "attr", "weight")
+
+
+def _view(layer):
+    """The stored -> logical ``[out, in]`` view of a prunable weight (None if they are the same)."""
+    if hasattr(layer, "logical"):
+        return layer.logical
+    return (lambda t: t.transpose(-1, -2)) if layer.transposed else None
+
+
+def _original(layer) -> torch.Tensor:
+    """The frozen stored weight under its parametrization."""
+    return getattr(layer.module.parametrizations, _attr(layer)).original
+
+
 def attach_masks(model: nn.Module, n: int, m: int, *, priors: dict[str, torch.Tensor] | None = None,
-                 prior_strength: float = 3.0, seed: int = 0, state: MaskState | None = None) -> MaskSet:
-    """Freeze ``model`` and give every prunable layer learnable N:M mask logits.
+                 prior_strength: float = 3.0, seed: int = 0, state: MaskState | None = None,
+                 ignore: tuple[str, ...] | list[str] = (), on_block: Callable[[int], None] | None = None) -> MaskSet:
+    """Freeze ``model`` and give every prunable weight learnable N:M mask logits.
 
     priors: optional {param_name: bool mask shaped like the stored parameter} (as masks_io
-    reads them), e.g. SparseGPT's, or a learned mask for transfer.
+    reads them), e.g. SparseGPT's, or a learned mask for transfer. ``ignore``: regexes of parameter
+    names left dense (``sparsity.ignore``). ``on_block(b)`` runs once the
+    layers of block b have their masks (FSDP shards the block there, so the whole model's logits
+    never exist unsharded in one process).
     """
     candidates = make_candidates(n, m)
-    state = state or MaskState()
+    state = state or MaskState(seed=seed)
     generator = torch.Generator().manual_seed(seed)
     model.requires_grad_(False)  # weights frozen: only the logits learn
     layers, prior_choice = {}, ({} if priors is not None else None)
-    for layer in find_prunable_layers(model, m):
-        w = layer.weight()
-        logits = init_logits(w.numel() // m, candidates.shape[0], generator).to(w.device)
+    prunable = find_prunable_layers(model, m, ignore=ignore)
+    for index, layer in enumerate(prunable):
+        stored = getattr(layer.module, _attr(layer))
+        cands = candidates.to(stored.device)
+        logits = init_logits(stored.numel() // m, candidates.shape[0], generator).to(stored.device)
         if priors is not None:
             if layer.param_name not in priors:
                 raise NMError(f"prior has no mask for {layer.param_name}; was it computed for this model?")
-            prior = priors[layer.param_name].to(w.device)
-            prior = prior.t() if layer.transposed else prior
-            if prior.shape != w.shape:
+            prior = priors[layer.param_name].to(stored.device)
+            if prior.shape != stored.shape:
                 raise NMError(f"{layer.param_name}: prior mask shape {tuple(prior.shape)} does not match "
-                              f"the weight's {tuple(w.shape)} ([out, in]); was the prior made for this model?")
+                              f"the weight's {tuple(stored.shape)}; was the prior made for this model?")
+            prior = as_3d(prior, _view(layer))
             check_nm(prior, n, m, f"prior {layer.param_name}")
-            logits = apply_prior(logits, prior, candidates.to(w.device), prior_strength)
-            prior_choice[layer.param_name] = prior_overlap(prior, candidates.to(w.device)).argmax(-1).to(
-                _choice_dtype(candidates.shape[0]))
-        mask = LearnableMask(logits, candidates.to(w.device), state, layer.transposed)
+            logits = apply_prior(logits, prior, cands, prior_strength)
+            prior_choice[layer.param_name] = prior_overlap(prior, cands).argmax(-1).to(_choice_dtype(len(cands)))
+        mask = LearnableMask(logits, cands, state, _view(layer), index)
         # unsafe: the output keeps W's shape and dtype by construction; skips a sample per layer
-        parametrize.register_parametrization(layer.module, "weight", mask, unsafe=True)
+        parametrize.register_parametrization(layer.module, _attr(layer), mask, unsafe=True)
         layers[layer.param_name] = (layer, mask)
-    return MaskSet(model, n, m, layers, state, prior_choice)
+        if on_block is not None and (index + 1 == len(prunable) or prunable[index + 1].block != layer.block):
+            on_block(layer.block)
+    return MaskSet(n, m, layers, state, prior_choice)
 
 
 # ------------------------------------------------------------------ optimisation
 
-def make_optimizer(masks: MaskSet, lr: float, steps: int, weight_decay: float = 0.1,
-                   min_lr_ratio: float = 0.1) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW on the logits only, cosine decay from lr to lr * min_lr_ratio over ``steps``, no warm-up."""
+def make_optimizer(masks: MaskSet, lr: float, steps: int, weight_decay: float = 0.1, min_lr_ratio: float = 0.1,
+                   betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-5
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW on the logits only, cosine decay from lr to lr * min_lr_ratio over ``steps``, no warm-up.
+
+    betas (0.9, 0.95) and eps 1e-5 are the MaskLLM authors' (Megatron) settings: with ~1e8 logits
+    and the gradient clipped to norm 1, each logit's gradient is tiny, and torch's default eps 1e-8
+    would turn almost every update into a sign step.
+    """
     params = masks.parameters()
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)  # one kernel per tensor, not ~10 passes
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    fused = all(p.device.type in ("cpu", "cuda") and type(p) is nn.Parameter for p in params)  # one kernel per tensor
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused or None)
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr * min_lr_ratio)
     return optimizer, lr_schedule
 

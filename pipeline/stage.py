@@ -24,7 +24,7 @@ def flush_denormals() -> None:
         sys.modules["torch"].set_flush_denormal(True)
 
 
-def run_stage(name: str, body: Callable[[Params], str], params_path: str = "params.yaml") -> None:
+def run_stage(name: str, body: Callable[[Params], str | None], params_path: str = "params.yaml") -> None:
     params = load_params_or_exit(params_path)  # before any work or write
     flush_denormals()
     t0 = time.time()
@@ -38,4 +38,5 @@ def run_stage(name: str, body: Callable[[Params], str], params_path: str = "para
             print(f"[{name}] error: {e}", file=sys.stderr)
             raise SystemExit(1)
         raise
-    print(f"[{name}] {summary} ({time.time() - t0:.1f} s)")
+    if summary is not None:  # (None: a secondary process of a torchrun job; rank 0 summarises)
+        print(f"[{name}] {summary} ({time.time() - t0:.1f} s)")

@@ -1,21 +1,27 @@
-"""DVC stage `learn`: MaskLLM mask logits on the frozen dense model (also under torchrun, DDP).
+"""DVC stage `learn`: MaskLLM mask logits on the frozen dense model.
 
-    python -m stages.learn                                  # one process
-    torchrun --nproc_per_node 8 -m stages.learn             # data-parallel over learn.batch_size
+    python -m stages.learn          # learn.nproc > 1: relaunches itself under torchrun (DDP or FSDP)
 """
 import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from pipeline.coverage import check_coverage, measure_coverage
 from pipeline.data import load_tokens
-from pipeline.io import atomic_dir, write_json
+from pipeline.io import atomic_dir, sha256_files, write_json
 from pipeline.learn import Checkpoint, Dist, fingerprint, learn_masks, write_curve
+from pipeline.mask_kernel import kernel_name
 from pipeline.masks_io import load_masks
 from pipeline.modeling import default_device, load_model
+from pipeline.nm import candidates, find_prunable_layers
+from pipeline.provenance import provenance
 from pipeline.stage import run_stage
 from pipeline.tracking import learn_run
-from pipeline.io import sha256_files
 from pipeline.transfer import PriorFileError, load_prior_file
 
 DATA, DENSE, PRIOR = Path("artifacts/data"), Path("artifacts/dense"), Path("artifacts/prior")
@@ -24,15 +30,27 @@ PRIOR_FILE = Path("artifacts/prior_file.json")  # the prior_file stage's hash of
 CURVE = Path("plots/learn_curve.csv")
 
 
+def launch(cfg) -> str:
+    """learn.nproc > 1: run this stage as ``cfg.nproc`` torchrun processes, on this node."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:  # torchrun would pin every process to 1 thread
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.nproc))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
+           "-m", "stages.learn"]
+    code = subprocess.call(cmd, env=env)
+    if code:
+        raise SystemExit(code)  # the failing rank printed its error
+    return f"{cfg.nproc} processes ({cfg.parallel}) done"
+
+
 def main(params):
     cfg, sp = params.learn, params.sparsity
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(cfg)
     d = Dist.from_env()
-    device = default_device()
-    if device == "cuda" and d.world > 1:
-        import torch
-
-        device = f"cuda:{d.rank % torch.cuda.device_count()}"
-    model = load_model(DENSE, "float32", device)
+    device = d.device(default_device())
+    model = load_model(DENSE, cfg.dtype, "cpu")  # to the device block by block (FSDP) or whole (else)
+    coverage = planned_coverage(model, sp)  # before any work: fails naming block weights left dense by accident
     prior_file, priors = None, None
     if cfg.prior == "file" and cfg.prior_strength > 0:  # transfer: a learned mask (pipeline/transfer.py)
         prior_file = Path(cfg.prior_file)
@@ -40,47 +58,75 @@ def main(params):
         if sha256_files(prior_file) != expected:
             raise PriorFileError(f"learn.prior_file={cfg.prior_file!r} changed after the prior_file stage "
                                  "hashed it: rerun `dvc repro`")
-        priors, _ = load_prior_file(prior_file, model, sp.n, sp.m, DENSE)
+        priors, _ = load_prior_file(prior_file, model, sp.n, sp.m, DENSE, ignore=sp.ignore)
     elif cfg.prior not in ("none", "file") and cfg.prior_strength > 0:
         prior_file = PRIOR / cfg.prior / "mask.safetensors"
         priors = load_masks(prior_file)
     train = load_tokens(DATA / "train.npy")
-    ckpt = Checkpoint(CKPT, fingerprint(cfg, sp, prior_file, extra=f"world={d.world}"))
+    ckpt = Checkpoint(CKPT, fingerprint(cfg, sp, prior_file, extra=f"dense={sha256_files(DENSE / 'model.safetensors')}"))
 
     def run(log):
-        return learn_masks(model, priors, train, cfg, sp, ckpt, log=log, d=d)
+        return learn_masks(model, priors, train, cfg, sp, ckpt, log=log, d=d, device=device)
 
     if not d.main:
-        run(None)
+        result = run(None)
+        result.masks.logits_state_dict()  # the gather is a collective: rank 0 writes
         d.barrier()
-        return "rank done"
+        return None
     dataset = json.loads((DATA / "stats.json").read_text())["source"]
-    with learn_run(params, dataset, key=ckpt.run_id, extra_params={"world_size": d.world}) as tracker:
+    extra = {"world_size": d.world, **provenance(device, cfg.dtype)}
+    with learn_run(params, dataset, key=ckpt.run_id, extra_params=extra) as tracker:
         result = run(tracker.log)
+        write_outputs(result, cfg, sp, d, device, coverage)
         d.barrier()
-        write_outputs(result, cfg, d)
         tracker.finish(CURVE)
     ckpt.clear()  # finished: the next run of these params is a DVC cache hit, not a resume
     last = result.curve[-1]
-    return (f"{cfg.steps} steps ({'resumed at ' + str(result.resumed_from) if result.resumed_from else 'fresh'}), "
-            f"final CE {last['ce']:.3f}, flip rate {last['flip_rate']:.4f}, "
-            f"{result.seconds / max(1, cfg.steps - result.resumed_from):.2f} s/step")
+    return (f"{cfg.steps} steps ({'resumed at ' + str(result.resumed_from) if result.resumed_from else 'fresh'}, "
+            f"{d.world} process(es), {cfg.parallel if d.world > 1 else 'single'}), {coverage.summary()}, "
+            f"final CE {last['ce']:.3f}, "
+            f"flip rate {last['flip_rate']:.4f}, {result.seconds / max(1, cfg.steps - result.resumed_from):.2f} s/step")
 
 
-def write_outputs(result, cfg, d) -> None:
+def planned_coverage(model, sp):
+    """The coverage of the masks learn will attach: every prunable weight under N:M (any valid pattern
+    stands in for the learned one)."""
+    pattern = candidates(sp.n, sp.m)[0].bool()
+    layers = find_prunable_layers(model, sp.m, ignore=sp.ignore)
+    stand_in = {layer.param_name: layer_mask(layer, pattern) for layer in layers}
+    coverage = measure_coverage(model, stand_in, sp.n, sp.m, sp.ignore)
+    check_coverage(coverage)
+    return coverage
+
+
+def layer_mask(layer, pattern):
+    """A valid N:M mask shaped like the layer's parameter: ``pattern`` in every group of its input dim."""
+    logical = layer.weight()
+    mask = pattern.repeat(logical.shape[-1] // pattern.numel()).expand(logical.shape)
+    return layer.stored(mask) if hasattr(layer, "stored") else mask
+
+
+def write_outputs(result, cfg, sp, d, device, coverage) -> None:
+    logits = result.masks.logits_state_dict()
     with atomic_dir(OUT) as tmp:
-        save_file(result.masks.logits_state_dict(), tmp / "logits.safetensors")
-        # no wall time or resume point here: a resumed run must produce the same output
-        info = {"steps": cfg.steps, "prior": cfg.prior, "world_size": d.world}
+        save_file(logits, tmp / "logits.safetensors")
+        # no wall time, resume point or world size here: a resumed or resharded run must produce the same output
+        info = {"steps": cfg.steps, "prior": cfg.prior}
         if cfg.prior == "file":
             info["prior_file"] = cfg.prior_file
         write_json(tmp / "info.json", info)
     write_curve(CURVE, result.curve)
-    last = result.curve[-1]
-    write_json(Path("metrics/learn.json"), {"final_ce": last["ce"], "final_flip_rate": last["flip_rate"],
-                                            "prior_agreement": last.get("prior_agreement", float("nan")),
-                                            "seconds": result.seconds, "steps": cfg.steps,
-                                            "resumed_from": result.resumed_from})
+    last, times = result.curve[-1], result.step_seconds
+    tenth = max(1, len(times) // 10)
+    write_json(Path("metrics/learn.json"), {
+        "final_ce": last["ce"], "final_flip_rate": last["flip_rate"],
+        "prior_agreement": last.get("prior_agreement", float("nan")), "steps": cfg.steps,
+        "resumed_from": result.resumed_from, "seconds": result.seconds,
+        # the subnormal check of a whole run: late steps (tau near its end) as fast as early ones
+        "step_seconds_first_10pct": sum(times[:tenth]) / tenth, "step_seconds_last_10pct": sum(times[-tenth:]) / tenth,
+        "processes": d.world, "parallel": cfg.parallel if d.world > 1 else "single",
+        "mask_kernel": kernel_name(device, math.comb(sp.m, sp.n)), "coverage": coverage.as_dict(names=False),
+        "provenance": provenance(device, cfg.dtype)})
 
 
 if __name__ == "__main__":

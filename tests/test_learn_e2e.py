@@ -1,4 +1,7 @@
-"""The learn stage for real: resume after SIGKILL under `dvc repro`, and DDP (gloo, 2 CPU processes)."""
+"""The learn stage for real, on the micro profile: resume after SIGKILL under `dvc repro`, and the
+parallel modes (gloo, 2 CPU processes launched by the stage itself): DDP and FSDP against one process,
+FSDP resumed after SIGKILL, and an FSDP checkpoint of 2 ranks resumed on 1."""
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +13,7 @@ from safetensors.torch import load_file
 from tests.conftest import BIN, repo_env, run, set_params
 
 LEARN = {"learn.steps": 30, "learn.checkpoint_every": 3, "learn.batch_size": 2}
+PARALLEL = {"learn.steps": 8, "learn.checkpoint_every": 2, "learn.batch_size": 4}  # the same global batch for all
 
 
 def logits(repo):
@@ -17,29 +21,52 @@ def logits(repo):
 
 
 def checkpoint_step(repo) -> int:
-    state = repo / "artifacts" / "learn_ckpt" / "state.pt"
-    try:
-        return int(torch.load(state, weights_only=True)["step"])
-    except Exception:  # not written yet, or being replaced right now
-        return 0
+    """The step of the latest complete checkpoint (a folder step_<t> holding meta.json), 0 if none."""
+    steps = [0]
+    for folder in (repo / "artifacts" / "learn_ckpt").glob("step_*"):
+        try:
+            steps.append(json.loads((folder / "meta.json").read_text())["step"])
+        except (OSError, ValueError):  # being renamed or removed right now
+            pass
+    return max(steps)
+
+
+def learn(repo, **params):
+    set_params(repo, params)
+    return run([str(BIN / "python"), "-m", "stages.learn"], repo, env=repo_env(OMP_NUM_THREADS="1"))
+
+
+def kill_after_checkpoint(repo, cmd, step: int, total: int) -> int:
+    """Start ``cmd``, SIGKILL its whole process group once checkpoint ``step`` exists -> the step it had."""
+    proc = subprocess.Popen(cmd, cwd=repo, env=repo_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while checkpoint_step(repo) < step and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # dvc, torchrun and every rank
+    proc.wait()
+    killed_at = checkpoint_step(repo)
+    assert proc.returncode == -signal.SIGKILL and step <= killed_at < total, (proc.returncode, killed_at)
+    return killed_at
+
+
+def max_diff(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def argmax_agreement(a, b) -> float:
+    return sum(int((a[k].argmax(-1) == b[k].argmax(-1)).sum()) for k in a) / sum(a[k].shape[0] for k in a)
 
 
 def test_sigkilled_learn_resumes_to_the_same_logits(micro_copy):
     repo = micro_copy
     set_params(repo, LEARN)
-    proc = subprocess.Popen([str(BIN / "dvc"), "repro", "learn"], cwd=repo, env=repo_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while checkpoint_step(repo) < 6 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: dvc and the stage
-    proc.wait()
-    killed_at = checkpoint_step(repo)
-    assert proc.returncode == -signal.SIGKILL and 6 <= killed_at < 30, (proc.returncode, killed_at)
+    killed_at = kill_after_checkpoint(repo, [str(BIN / "dvc"), "repro", "learn"], 6, 30)
     res = run([str(BIN / "dvc"), "repro", "learn"], repo)
     assert f"resumed at {killed_at}" in res.stdout, res.stdout[-2000:]
     resumed = logits(repo)
-    assert not (repo / "artifacts" / "learn_ckpt" / "state.pt").exists()  # cleared when finished
+    assert checkpoint_step(repo) == 0 and (repo / "artifacts" / "learn_ckpt").is_dir()  # cleared when finished
 
     run([str(BIN / "dvc"), "repro", "--force", "learn"], repo)  # the same run, uninterrupted
     fresh = logits(repo)
@@ -48,20 +75,42 @@ def test_sigkilled_learn_resumes_to_the_same_logits(micro_copy):
         assert torch.equal(resumed[name], fresh[name]), name
 
 
-def test_ddp_two_processes_match_one_process(micro_copy):
+def test_ddp_and_fsdp_on_two_processes_match_one_process(micro_copy):
     repo = micro_copy
-    set_params(repo, {**LEARN, "learn.steps": 6, "learn.batch_size": 4})
-    env = repo_env(OMP_NUM_THREADS="1")
-    run([str(BIN / "python"), "-m", "stages.learn"], repo, env=env)
+    learn(repo, **PARALLEL)
     single = logits(repo)
-    res = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "stages.learn"], repo, env=env)
-    assert "6 steps (fresh)" in res.stdout
+    res = learn(repo, **PARALLEL, **{"learn.nproc": 2, "learn.parallel": "ddp"})
+    assert "2 process(es), ddp" in res.stdout and "2 processes (ddp) done" in res.stdout
     ddp = logits(repo)
-    worst = max((ddp[k] - single[k]).abs().max().item() for k in single)
-    moved = max((single[k] - single[k].mean()).abs().max().item() for k in single)
-    # Same global batch and the same Gumbel sample on every rank: only the all-reduce's
-    # float summation order differs from the single process.
-    assert worst < 1e-4, worst
-    agree = sum(int((ddp[k].argmax(-1) == single[k].argmax(-1)).sum()) for k in single)
-    total = sum(single[k].shape[0] for k in single)
-    assert agree / total > 0.999 and moved > 1e-3
+    res = learn(repo, **PARALLEL, **{"learn.nproc": 2, "learn.parallel": "fsdp"})
+    assert "2 process(es), fsdp" in res.stdout
+    fsdp = logits(repo)
+    moved = max(float((single[k] - single[k].mean()).abs().max()) for k in single)
+    # the same global batch and Gumbel sample on every rank: only the float summation order of the
+    # gradient reduction (all-reduce, reduce-scatter) differs from the single process
+    assert max_diff(ddp, single) < 1e-5 and max_diff(fsdp, single) < 1e-5 and moved > 1e-3
+    assert argmax_agreement(ddp, single) > 0.999 and argmax_agreement(fsdp, single) > 0.999
+    metrics = json.loads((repo / "metrics" / "learn.json").read_text())
+    assert metrics["processes"] == 2 and metrics["parallel"] == "fsdp"
+
+
+def test_fsdp_resumes_after_sigkill_and_on_another_number_of_processes(micro_copy):
+    repo = micro_copy
+    fsdp = {**PARALLEL, "learn.nproc": 2, "learn.parallel": "fsdp"}
+    learn(repo, **fsdp)
+    uninterrupted = logits(repo)
+
+    set_params(repo, fsdp)  # killed mid-run, resumed by `dvc repro` on the same 2 processes
+    killed_at = kill_after_checkpoint(repo, [str(BIN / "dvc"), "repro", "learn"], 4, 8)
+    res = run([str(BIN / "dvc"), "repro", "learn"], repo, env=repo_env(OMP_NUM_THREADS="1"))
+    assert f"resumed at {killed_at}" in res.stdout, res.stdout[-2000:]
+    assert max_diff(logits(repo), uninterrupted) < 1e-6
+
+    # a checkpoint written by 2 ranks, resumed by 1 process (DCP reshards it)
+    killed_at = kill_after_checkpoint(repo, [str(BIN / "python"), "-m", "stages.learn"], 4, 8)
+    res = learn(repo, **{**fsdp, "learn.nproc": 1, "learn.parallel": "ddp"})
+    assert f"resumed at {killed_at}, 1 process(es)" in res.stdout, res.stdout[-2000:]
+    assert max_diff(logits(repo), uninterrupted) < 1e-5
+    assert argmax_agreement(logits(repo), uninterrupted) > 0.999
+    leftovers = list((repo / "artifacts" / "learn_ckpt").iterdir())
+    assert leftovers == [], leftovers  # a finished run leaves no checkpoint (and no half-written one)

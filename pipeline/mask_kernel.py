@@ -1,0 +1,207 @@
+"""MaskLLM's per-weight work, fused: ``W * soft_mask`` from the logits and Gumbel noise, and back.
+
+Per group g of M weights and candidate c (MASKLLM.md, steps 3 and 5)::
+
+    y_g = softmax((kappa * pi_g + G_g) / tau),   G_gc = -log(-log u_gc)
+    soft_mask_g = sum_c y_gc s_c,   out = W * soft_mask,   sq = ||out||_F^2
+
+**Noise.** ``u_gc`` is a counter-based uniform: a hash of (key, g * C + c), where the key is a hash of
+(seed, step, layer). Nothing needs to be stored for backward (the noise is recomputed), every
+data-parallel or FSDP rank draws the same noise without communication, a resumed run draws what an
+uninterrupted one would, and the result does not depend on the thread count. ``u = (2j + 1) / 2^24``
+(j: 23 hash bits) lies in (0, 1) exactly, so G is bounded by +-16.6 like the clamped uniforms of
+``torch.distributions.Gumbel`` (tests/test_mask_kernel.py checks the law against ``F.gumbel_softmax``).
+
+**Two implementations of one formula.** On CPU, a C++ kernel (``csrc/masked_weight.cpp``, compiled
+on first use by ``torch.utils.cpp_extension``) makes one pass per layer forward and one backward,
+instead of ~15 tensor-wide passes and 1.5 floats per weight kept for backward. Elsewhere (CUDA,
+or no C++ compiler), the same math in torch ops under plain autograd. The two draw bitwise-identical
+uniforms; their logs and exps may differ in the last bit.
+
+Subnormal soft-mask entries are flushed to zero in both, as FTZ would: late in the schedule
+(tau -> 0.05) they appear in large numbers and slow every CPU op that reads them.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import struct
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+CSRC = Path(__file__).resolve().parent / "csrc" / "masked_weight.cpp"
+M32 = 0xFFFFFFFF
+MAX_CPP_CANDIDATES = 128  # the kernel's stack buffers; C(M, N) above it (e.g. 8:16) uses torch ops
+
+
+# ------------------------------------------------------------------ the noise
+
+def noise_key(seed: int, step: int, layer: int) -> tuple[int, int]:
+    """Two 32-bit keys for the noise of (seed, step, layer): a cryptographic hash, so keys of
+    neighbouring steps or layers are unrelated."""
+    digest = hashlib.blake2b(struct.pack("<qqq", seed, step, layer), digest_size=8).digest()
+    k0, k1 = struct.unpack("<II", digest)
+    return k0, k1
+
+
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """C. Wellons' 32-bit hash on int64 tensors holding uint32 values (products kept below 2^63)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & M32
+    x = x ^ (x >> 15)
+    x = ((x * 0xA68B) + (((x * 0x846C) & 0xFFFF) << 16)) & M32  # x * 0x846ca68b mod 2^32, in halves
+    return x ^ (x >> 16)
+
+
+def uniform(index: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
+    """Counter-based uniforms in (0, 1): int64 ``index`` -> float32, ``(2j + 1) / 2^24`` (exact)."""
+    k0, k1 = key
+    h = _lowbias32(_lowbias32((index & M32) ^ k0) ^ k1 ^ (index >> 32))
+    return (((h >> 9) << 1) | 1).to(torch.float32) * 2.0**-24
+
+
+def gumbel(groups: int, n_candidates: int, key: tuple[int, int], device=None) -> torch.Tensor:
+    """Gumbel(0, 1) noise ``[G, C]`` of one layer and step: ``-log(-log u)``."""
+    index = torch.arange(groups * n_candidates, device=device, dtype=torch.int64).view(groups, n_candidates)
+    return -torch.log(-torch.log(uniform(index, key)))
+
+
+def flush_subnormals(x: torch.Tensor) -> torch.Tensor:
+    """Subnormal entries -> 0 (what FTZ does to results), whatever the process's FTZ setting."""
+    return torch.where(x.abs() < torch.finfo(x.dtype).tiny, torch.zeros_like(x), x)
+
+
+class _Flush(torch.autograd.Function):
+    """``flush_subnormals`` in forward and on the gradient in backward (the kernel flushes both)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return flush_subnormals(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return flush_subnormals(grad)
+
+
+# ------------------------------------------------------------------ the torch reference
+
+View = Callable[[torch.Tensor], torch.Tensor]  # stored weight -> its logical [out, in] / [E, out, in] view
+
+
+def as_3d(weight: torch.Tensor, view: View | None) -> torch.Tensor:
+    """The kernel's ``[B, R, K]`` view of a stored weight: groups of M along K (the input)."""
+    w = weight if view is None else view(weight)
+    return w.unsqueeze(0) if w.dim() == 2 else w
+
+
+def sample_reference(logits: torch.Tensor, key: tuple[int, int], temperature: float,
+                     logit_scale: float) -> torch.Tensor:
+    """y = softmax((kappa * pi + G) / tau) over the candidates: ``[G, C]``, subnormals flushed."""
+    noise = gumbel(logits.shape[0], logits.shape[1], key, logits.device)
+    return flush_subnormals(torch.softmax((logit_scale * logits + noise) / temperature, dim=-1))
+
+
+def masked_weight_reference(weight: torch.Tensor, logits: torch.Tensor, candidates: torch.Tensor,
+                            key: tuple[int, int], temperature: float, logit_scale: float,
+                            view: View | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W * soft_mask, ||W * soft_mask||^2 float64, sum_g max_c y_gc float64) under plain autograd."""
+    y = sample_reference(_Flush.apply(logits), key, temperature, logit_scale)
+    mask = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # the stored layout
+    target = as_3d(mask, view)
+    target.copy_((y @ candidates.to(y.dtype)).reshape(target.shape))  # autograd follows the copy into the view
+    out = _Flush.apply(weight.float() * mask).to(weight.dtype)
+    sq = out.double().square().sum()
+    return out, sq, y.detach().amax(dim=-1).double().sum()
+
+
+# ------------------------------------------------------------------ the C++ kernel
+
+@functools.lru_cache(maxsize=1)
+def cpp_kernel():
+    """The compiled CPU kernel, or None (with one warning) where it cannot be built."""
+    if os.environ.get("MASKLLM_KERNEL", "auto") == "torch":
+        return None
+    try:
+        from torch.utils.cpp_extension import _get_build_directory, load
+
+        # built from a copy named by its content: every checkout of the same source (the test
+        # suite's temporary repositories, DVC's queued experiments) reuses one build instead of
+        # rebuilding because the source path changed
+        code = CSRC.read_bytes()
+        name = f"maskllm_masked_weight_{hashlib.sha256(code).hexdigest()[:12]}"
+        source = Path(_get_build_directory(name, verbose=False)) / CSRC.name
+        if not source.is_file() or source.read_bytes() != code:
+            tmp = source.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(code)
+            os.replace(tmp, source)
+        # -ffast-math lets gcc vectorise log/exp (glibc's libmvec); every group's arithmetic is
+        # the same whatever the thread count, so results stay deterministic
+        load(name=name, sources=[str(source)], verbose=False, is_python_module=False,
+             extra_cflags=["-O3", "-march=native", "-ffast-math", "-std=c++20"])
+        return _Ops(torch.ops.maskllm)
+    except Exception as e:  # no compiler, no ninja, unsupported platform
+        if os.environ.get("MASKLLM_KERNEL") == "cpp":
+            raise
+        warnings.warn(f"MaskLLM's C++ mask kernel could not be built ({type(e).__name__}: {e}); "
+                      "using the torch implementation (same math, slower on CPU)", RuntimeWarning, stacklevel=2)
+        return None
+
+
+class _Ops:
+    """The kernel's entry points (``torch.ops.maskllm``)."""
+
+    def __init__(self, ops):
+        self.forward, self.backward, self.sample = (ops.masked_weight_forward, ops.masked_weight_backward,
+                                                    ops.masked_weight_sample)
+
+
+def kernel_name(device: torch.device | str, n_candidates: int) -> str:
+    """Which implementation ``masked_weight`` uses for this device and candidate count."""
+    if torch.device(device).type == "cpu" and n_candidates <= MAX_CPP_CANDIDATES and cpp_kernel() is not None:
+        return "cpp"
+    return "torch"
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """The C++ forward/backward; only the inputs are saved (the noise and y are recomputed)."""
+
+    @staticmethod
+    def forward(ctx, weight, logits, candidates, key, temperature, logit_scale, view):
+        out = torch.empty_like(weight)
+        sq, confidence = cpp_kernel().forward(as_3d(weight, view), as_3d(out, view), logits, candidates, key[0],
+                                              key[1], logit_scale, temperature, torch.get_num_threads())
+        ctx.save_for_backward(weight, logits, candidates)
+        ctx.args = (key, temperature, logit_scale, view)
+        ctx.mark_non_differentiable(confidence)
+        return out, sq, confidence
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_sq, _grad_confidence):
+        weight, logits, candidates = ctx.saved_tensors
+        key, temperature, logit_scale, view = ctx.args
+        if grad_out is None:
+            grad_out = torch.zeros_like(weight)
+        g_sq = 0.0 if grad_sq is None else float(grad_sq)
+        grad_logits = cpp_kernel().backward(as_3d(grad_out.to(weight.dtype), view), g_sq, as_3d(weight, view), logits,
+                                            candidates, key[0], key[1], logit_scale, temperature,
+                                            torch.get_num_threads())
+        return None, grad_logits, None, None, None, None, None
+
+
+def masked_weight(weight: torch.Tensor, logits: torch.Tensor, candidates: torch.Tensor, key: tuple[int, int],
+                  temperature: float, logit_scale: float, view: View | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``W * soft_mask`` (W's shape and dtype), ``||.||^2`` and ``sum_g max_c y_gc`` (float64 scalars).
+
+    weight: the stored parameter; ``view`` maps it (and anything shaped like it) to its logical
+    ``[out, in]`` or ``[E, out, in]`` view (None: it is already ``[out, in]``); logits: float32
+    ``[G, C]``, contiguous, groups in the row-major order of that view; candidates: ``[C, M]`` 0/1.
+    Gradients flow to the logits only.
+    """
+    if kernel_name(weight.device, logits.shape[1]) == "cpp":
+        return _MaskedWeight.apply(weight, logits, candidates, key, temperature, logit_scale, view)
+    return masked_weight_reference(weight, logits, candidates, key, temperature, logit_scale, view)

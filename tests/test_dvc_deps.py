@@ -1,0 +1,97 @@
+"""Every DVC stage depends on every file of pipeline/ and stages/ its script imports (transitively)
+and on nothing of them it does not: an edit to any imported module reruns the stage, so a result is
+never silently stale, and an edit elsewhere reruns nothing."""
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CODE = ("pipeline", "stages")
+# files other than Python modules that a module reads at run time (by module path)
+READS = {
+    "pipeline/mask_kernel.py": ["pipeline/csrc/masked_weight.cpp"],  # compiled on first use
+    "pipeline/zeroshot.py": ["tasks"],  # the embedded lm-eval task YAMLs
+}
+
+
+def module_file(name: str) -> Path | None:
+    """pipeline.x -> pipeline/x.py (or a package's __init__.py); None outside pipeline/ and stages/."""
+    if name.split(".")[0] not in CODE:
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    raise AssertionError(f"import of {name!r}: no such module under {ROOT}")
+
+
+def imported_modules(path: Path) -> set[Path]:
+    """The pipeline/stages modules a file imports anywhere in it (lazy imports in functions too)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            try:
+                found = module_file(name)
+            except AssertionError:
+                if name in names[1:]:  # `from pipeline.x import y`: y is a name, not a module
+                    continue
+                raise
+            if found is not None and found.name != "__init__.py":
+                out.add(found)
+    return out
+
+
+def closure(script: Path) -> set[str]:
+    """The script and every module it imports, transitively, plus the files they read (repo paths)."""
+    seen, todo = set(), [script]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo.extend(imported_modules(path) - seen)
+    files = {str(p.relative_to(ROOT)) for p in seen}
+    return files | {extra for f in list(files) for extra in READS.get(f, [])}
+
+
+def dvc_stages() -> list[tuple[str, str, set[str]]]:
+    """(stage name, script, code deps) of every stage, foreach/matrix entries resolved by DVC itself."""
+    from dvc.repo import Repo
+
+    out = []
+    with Repo(str(ROOT)) as repo:
+        for stage in repo.index.stages:
+            if not getattr(stage, "cmd", None):
+                continue
+            match = re.match(r"python -m (stages\.\w+)", stage.cmd)
+            assert match, f"stage {stage.addressing}: cmd {stage.cmd!r} is not `python -m stages.<name> ...`"
+            deps = {str(Path(d.def_path)) for d in stage.deps}
+            out.append((stage.addressing, str(module_file(match.group(1)).relative_to(ROOT)),
+                        {d for d in deps if d.split("/")[0] in CODE}))
+    return out
+
+
+STAGES = dvc_stages()
+
+
+@pytest.mark.parametrize("name,script,deps", STAGES, ids=[s[0] for s in STAGES])
+def test_stage_depends_on_exactly_the_code_it_imports(name, script, deps):
+    needed = closure(ROOT / script)
+    missing, extra = sorted(needed - deps), sorted(deps - needed)
+    assert not missing, f"dvc.yaml stage {name!r} imports but does not depend on: {missing}"
+    assert not extra, f"dvc.yaml stage {name!r} depends on code it never imports: {extra}"
+
+
+def test_the_import_scan_sees_lazy_imports_and_transitive_ones(tmp_path):
+    learn = closure(ROOT / "stages" / "learn.py")
+    assert {"stages/learn.py", "pipeline/learn.py", "pipeline/maskllm.py", "pipeline/mask_kernel.py",
+            "pipeline/csrc/masked_weight.cpp", "pipeline/config.py"} <= learn
+    assert "pipeline/plots.py" not in learn  # learning draws nothing
+    assert len(STAGES) > 10 and {s[0] for s in STAGES} >= {"data", "dense", "learn", "harden"}

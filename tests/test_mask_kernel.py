@@ -1,0 +1,134 @@
+"""The fused mask kernel (C++) against its torch reference, the noise against Gumbel(0, 1), and the
+properties the learn loop relies on: no subnormals late in the schedule, no dependence on threads."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline import mask_kernel as mk
+from pipeline.nm import candidates
+
+
+def lowbias32(x: int) -> int:
+    """The hash, written out on Python ints: the independent reference of mask_kernel.uniform."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@settings(max_examples=30, deadline=None)
+@given(index=st.integers(0, 2**40), k0=st.integers(0, 2**32 - 1), k1=st.integers(0, 2**32 - 1))
+def test_uniform_is_the_hash_on_the_exact_lattice(index, k0, k1):
+    h = lowbias32(lowbias32((index & 0xFFFFFFFF) ^ k0) ^ k1 ^ (index >> 32))
+    expected = (2 * (h >> 9) + 1) / 2**24
+    got = float(mk.uniform(torch.tensor([index]), (k0, k1)))
+    assert got == expected and 0 < got < 1
+
+
+def test_noise_is_gumbel_and_keyed():
+    g = mk.gumbel(100_000, 6, mk.noise_key(0, 1, 2)).flatten().double()
+    assert abs(float(g.mean()) - 0.5772157) < 0.01  # Euler-Mascheroni: the mean of Gumbel(0, 1)
+    assert abs(float(g.var()) - math.pi**2 / 6) < 0.03
+    # the CDF exp(-exp(-x)) at a few points
+    for x in (-1.0, 0.0, 1.0, 3.0):
+        assert abs(float((g <= x).double().mean()) - math.exp(-math.exp(-x))) < 0.005, x
+    assert float(g.max()) <= 16.7 and float(g.min()) >= -2.9  # the lattice (0, 1) bounds it
+    same = mk.gumbel(10, 6, mk.noise_key(0, 1, 2))
+    assert torch.equal(same, mk.gumbel(10, 6, mk.noise_key(0, 1, 2)))
+    for other in (mk.noise_key(0, 2, 2), mk.noise_key(0, 1, 3), mk.noise_key(1, 1, 2)):
+        assert not torch.equal(same, mk.gumbel(10, 6, other))
+    # neighbouring keys give unrelated noise, not shifted copies
+    a, b = mk.gumbel(50_000, 6, mk.noise_key(0, 1, 2)), mk.gumbel(50_000, 6, mk.noise_key(0, 2, 2))
+    assert abs(float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])) < 0.01
+
+
+VIEWS = {  # stored shape (every dim divisible by 8), view to the logical [out, in] / [E, out, in]
+    "linear": ((24, 16), None),
+    "conv1d": ((16, 24), lambda t: t.t()),
+    "experts": ((3, 8, 16), None),
+    "experts_transposed": ((3, 16, 8), lambda t: t.transpose(-1, -2)),
+}
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = mk.cpp_kernel()
+    assert k is not None, "the C++ mask kernel did not build (see the warning above)"
+    return k
+
+
+@pytest.mark.parametrize("layout", sorted(VIEWS))
+@pytest.mark.parametrize("pattern", [(2, 4), (1, 4), (4, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_the_reference(kernel, layout, pattern, dtype):
+    shape, view = VIEWS[layout]
+    n, m = pattern
+    S = candidates(n, m)
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(shape, generator=gen).to(dtype)
+    groups = weight.numel() // m
+    logits0 = torch.randn(groups, S.shape[0], generator=gen) * 0.01
+    key = mk.noise_key(3, 7, 11)
+    upstream = torch.randn(shape, generator=gen).to(dtype)
+    results = []
+    for fn in (mk._MaskedWeight.apply, mk.masked_weight_reference):
+        logits = logits0.clone().requires_grad_()
+        out, sq, conf = fn(weight, logits, S, key, 0.7, 100.0, view)
+        ((out.float() * upstream.float()).sum() - 0.3 * sq).backward()
+        results.append((out, sq, conf, logits.grad))
+    (out, sq, conf, grad), (rout, rsq, rconf, rgrad) = results
+    assert out.shape == weight.shape and out.dtype == dtype and out.stride() == weight.stride()
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(out, rout, **tol)
+    torch.testing.assert_close(sq, rsq, rtol=1e-5, atol=0)
+    torch.testing.assert_close(conf, rconf, rtol=1e-5, atol=0)
+    # bfloat16: the reference rounds the regulariser's gradient 2 * out to bfloat16, the kernel keeps it
+    # in float32, so they agree to bfloat16's precision only
+    rel = 1e-3 if dtype == torch.float32 else 4e-2
+    torch.testing.assert_close(grad, rgrad, rtol=rel, atol=rel * float(rgrad.abs().max()))
+    assert grad.abs().sum() > 0
+
+
+def test_kernel_is_the_same_for_any_thread_count(kernel):
+    S = candidates(2, 4)
+    weight = torch.randn(300, 64, generator=torch.Generator().manual_seed(0))  # 4,800 groups: many tiles
+    logits = torch.randn(weight.numel() // 4, 6, generator=torch.Generator().manual_seed(1)) * 0.01
+    grad_out = torch.randn_like(weight)
+    runs = []
+    for threads in (1, 2, 3):
+        out = torch.empty_like(weight)
+        sq, conf = kernel.forward(weight[None], out[None], logits, S, 1, 2, 100.0, 0.5, threads)
+        g = kernel.backward(grad_out[None], -0.1, weight[None], logits, S, 1, 2, 100.0, 0.5, threads)
+        runs.append((out, sq, conf, g))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
+def test_no_subnormals_at_the_end_of_the_schedule(kernel, impl):
+    """tau at its end value (0.05) and kappa at 500 make most soft-mask entries underflow: they must be
+    exactly 0, not subnormal, or every CPU op reading the masked weights slows down (up to ~80x)."""
+    fn = mk._MaskedWeight.apply if impl == "cpp" else mk.masked_weight_reference
+    S = candidates(2, 4)
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 256, generator=gen)
+    logits = (torch.randn(weight.numel() // 4, 6, generator=gen) * 0.05).requires_grad_()
+    out, sq, _ = fn(weight, logits, S, mk.noise_key(0, 63, 0), 0.05, 500.0, None)
+    (out.sum() + sq).backward()
+    tiny = torch.finfo(torch.float32).tiny
+    for t in (out, logits.grad, mk.sample_reference(logits.detach(), mk.noise_key(0, 63, 0), 0.05, 500.0)):
+        subnormal = (t != 0) & (t.abs() < tiny)
+        assert int(subnormal.sum()) == 0
+    y = mk.sample_reference(logits.detach(), mk.noise_key(0, 63, 0), 4.0, 100.0)
+    assert (y > 0).all()  # early in the schedule nothing is flushed
+
+
+def test_masked_weight_dispatches_by_device_and_candidates(kernel):
+    assert mk.kernel_name("cpu", 6) == "cpp"
+    assert mk.kernel_name("cpu", mk.MAX_CPP_CANDIDATES + 1) == "torch"  # e.g. 8:16 (12,870 candidates)
+    assert mk.kernel_name("meta", 6) == "torch"  # any non-CPU device: the torch ops
