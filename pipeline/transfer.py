@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from pipeline.io import atomic_path, sha256_files
 from pipeline.masks_io import import_packed_npz, load_masks
-from pipeline.nm import find_prunable_layers
+from pipeline.nm import NMError, block_weights, check_nm, find_prunable_layers
 
 FORMAT = "nm-masks"
 DENSE_WEIGHTS = "model.safetensors"
@@ -63,21 +63,24 @@ def export_mask(src: str | Path, out: str | Path, *, dense_dir: str | Path, n: i
     return meta
 
 
-def load_prior_file(path: str | Path, model, n: int, m: int, dense_dir: str | Path) -> tuple[dict, dict]:
+def load_prior_file(path: str | Path, model, n: int, m: int, dense_dir: str | Path,
+                    ignore=()) -> tuple[dict, dict]:
     """The masks of ``learn.prior_file`` for ``model`` -> ({param name: bool mask}, provenance).
 
-    Checks what ``attach_masks`` cannot see: the file exists and is a mask format, its N:M
-    (when recorded) is ``sparsity``, it names no layer the model lacks, and it was made for
-    these dense weights (when recorded). Shapes and the exact N:M of every group are
-    checked by ``attach_masks``, layer by layer.
+    Checks, naming the file: it exists and is a mask format, its N:M (when recorded) is
+    ``sparsity``, it names no parameter that is not an N:M target of the model, it has a
+    mask for every target not named by ``ignore`` (``sparsity.ignore``), every mask has its
+    parameter's shape (fused experts: ``[E, out, in]`` or as stored) and is exactly N:M
+    along the input dim, and it was made for these dense weights (when recorded).
     """
     path = Path(path)
     if not path.is_file():
         raise PriorFileError(f"learn.prior_file={str(path)!r} does not exist: export a mask first "
                              "(python -m pipeline.transfer export <file>) or fix the path")
-    layers = {layer.param_name: layer for layer in find_prunable_layers(model)}
+    layers = {layer.param_name: layer for layer in block_weights(model).targets}
+    wanted = [layer.param_name for layer in find_prunable_layers(model, m, ignore)]
     if path.suffix == ".npz":  # the MaskLLM authors' packed format: shapes come from the model
-        masks = import_packed_npz(path, {k: tuple(v.module.weight.shape) for k, v in layers.items()})
+        masks = import_packed_npz(path, {k: tuple(v.param().shape) for k, v in layers.items()})
         meta = {}
     elif path.suffix == ".safetensors":
         masks, meta = load_masks(path), read_metadata(path)
@@ -91,6 +94,20 @@ def load_prior_file(path: str | Path, model, n: int, m: int, dense_dir: str | Pa
     if "n" in meta and (int(meta["n"]), int(meta["m"])) != (n, m):
         raise PriorFileError(f"learn.prior_file={str(path)!r} is a {meta['n']}:{meta['m']} mask but "
                              f"sparsity is {n}:{m}: set sparsity.n/m to match or export a {n}:{m} mask")
+    missing = [name for name in wanted if name not in masks]
+    if missing:
+        raise PriorFileError(f"learn.prior_file={str(path)!r} has no mask for {len(missing)} N:M target(s) of this "
+                             f"model, e.g. {missing[0]!r}: export a mask that covers them, or leave them dense "
+                             "with sparsity.ignore")
+    for name, mask in masks.items():
+        layer = layers[name]
+        if tuple(mask.shape) != tuple(layer.param().shape):
+            raise PriorFileError(f"learn.prior_file={str(path)!r}: mask {name!r} has shape {tuple(mask.shape)}, "
+                                 f"the parameter {tuple(layer.param().shape)}: was it made for another model?")
+        try:
+            check_nm(layer.logical(mask), n, m, name)
+        except NMError as e:
+            raise PriorFileError(f"learn.prior_file={str(path)!r}: {e} (not a {n}:{m} mask)") from None
     if "dense_sha256" in meta:
         here = dense_fingerprint(dense_dir)
         if meta["dense_sha256"] != here:

@@ -40,12 +40,9 @@ def tiny_gpt2():
 
 
 def magnitude_masks(model):
-    """2:4 masks of every prunable layer, shaped like the stored parameter."""
-    masks = {}
-    for layer in find_prunable_layers(model, 4):
-        mask = magnitude_mask(layer.weight(), 2, 4)
-        masks[layer.param_name] = mask.t().contiguous() if layer.transposed else mask
-    return masks
+    """2:4 masks of every prunable layer, shaped like the stored parameter (fused experts: 3-D)."""
+    return {layer.param_name: layer.stored(magnitude_mask(layer.weight(), 2, 4)).contiguous()
+            for layer in find_prunable_layers(model, 4)}
 
 
 def test_safetensors_round_trip(tmp_path):
@@ -121,3 +118,35 @@ def test_sparse_checkpoint_reloads_with_identical_logits(tmp_path, build):
         assert (reloaded.state_dict()[name][~mask] == 0).all()
     export_sparse_checkpoint(model, masks, out)  # overwriting an export works
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sparse"]
+
+
+@pytest.mark.parametrize("arch, stored_in_out", [("mixtral", False), ("gpt_oss", True)])
+def test_fused_expert_masks_round_trip_and_apply(tmp_path, arch, stored_in_out):
+    """3-D masks [E, out, in] (Mixtral) or [E, in, out] (GPT-OSS): files, the authors' npz, applying them."""
+    from tests.test_coverage import ARCHS
+
+    model = ARCHS[arch]()
+    masks = magnitude_masks(model)
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    param = model.get_parameter(name)
+    assert masks[name].shape == param.shape and masks[name].ndim == 3
+    # the mask of expert 2, built here by hand from its [out, in] matrix, is the stored one's slice
+    w2 = param[2].t() if stored_in_out else param[2]
+    hand = magnitude_mask(w2, 2, 4)
+    assert torch.equal(masks[name][2], hand.t() if stored_in_out else hand)
+    save_masks(tmp_path / "m.safetensors", masks)
+    loaded = load_masks(tmp_path / "m.safetensors")
+    assert all(torch.equal(loaded[k], masks[k]) for k in masks) and loaded[name].shape == param.shape
+    export_packed_npz(tmp_path / "m.npz", masks)
+    with np.load(tmp_path / "m.npz") as raw:  # C-order bits of the stored 3-D mask
+        bits = np.unpackbits(raw[name + ".mask"], count=param.numel()).reshape(tuple(param.shape))
+        assert np.array_equal(bits, masks[name].numpy())
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert all(torch.equal(v, masks[k]) for k, v in import_packed_npz(tmp_path / "m.npz", shapes).items())
+    before = param.detach().clone()
+    apply_masks(model, masks)
+    assert torch.equal(param, torch.where(masks[name], before, torch.zeros(())))
+    with pytest.raises(ValueError, match=rf"'{name}': shape .* does not match"):
+        apply_masks(model, {name: masks[name].transpose(1, 2)})
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.randint(0, 256, (1, 16))).logits).all()

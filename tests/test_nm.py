@@ -1,20 +1,34 @@
-"""N:M core: candidate sets, validation and prunable-layer discovery on tiny HF models."""
+"""N:M core: candidate sets, validation, prunable-weight discovery (Linear, fused experts) on tiny models."""
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
 
-from pipeline.nm import NMError, candidates, check_nm, find_prunable_layers, is_nm, topn_mask
+from pipeline.nm import (
+    NMError,
+    PrunableLayer,
+    candidates,
+    check_nm,
+    find_blocks,
+    find_prunable_layers,
+    is_nm,
+    topn_mask,
+)
+from pipeline.observe import Layout, LinearUses, locate
 
 
 def tiny_llama(intermediate_size=128):
@@ -145,3 +159,101 @@ def test_indivisible_layer_raises_naming_it():
     with pytest.raises(NMError, match=r"model\.layers\.0\.mlp\.down_proj: input width 130 is not divisible by m=4"):
         find_prunable_layers(model, 4)
     assert len(find_prunable_layers(model, 2)) == 14  # fine for m=2
+
+
+def test_topn_mask_keeps_leading_dims():
+    score = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(0))
+    mask = topn_mask(score, 2, 4)
+    assert mask.shape == score.shape
+    assert all(torch.equal(mask[e], topn_mask(score[e], 2, 4)) for e in range(3))
+
+
+# ---------------------------------------------------------------- weights that are not nn.Linear
+
+def test_prunable_layer_views_of_fused_and_stacked_experts():
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.in_out = nn.Parameter(torch.randn(3, 8, 5))  # [E, in, out] (GPT-OSS style)
+            self.stacked = nn.Parameter(torch.randn(3 * 5, 8))  # [E * out, in] (DBRX style)
+
+    mod = Experts()
+    fused = PrunableLayer("m.experts", mod, 0, "in_out", experts=3, transposed=True)
+    stacked = PrunableLayer("m.experts", mod, 0, "stacked", experts=3)
+    assert fused.param_name == "m.experts.in_out" and fused.weight().shape == (3, 5, 8) == stacked.weight().shape
+    assert (fused.in_features, fused.out_features) == (8, 5)
+    assert torch.equal(fused.weight()[1], mod.in_out[1].t())  # expert 1's [out, in]
+    assert torch.equal(stacked.weight()[1], mod.stacked[5:10])
+    with torch.no_grad():  # views: writes reach the parameters
+        fused.weight()[2, 0, 0] = 7.0
+        stacked.weight()[2, 0, 0] = 9.0
+    assert mod.in_out[2, 0, 0] == 7.0 and mod.stacked[10, 0] == 9.0
+    mask = torch.rand(3, 5, 8) > 0.5
+    for layer in (fused, stacked):
+        assert layer.stored(mask).shape == layer.param().shape
+        assert torch.equal(layer.logical(layer.stored(mask)), mask)
+
+
+def test_locate_reads_expert_and_input_dim_from_strides():
+    P = torch.zeros(4, 6, 8)  # [E, a, b]
+    assert locate(P[2], P) == ([1, 2], 4, 2)  # F.linear(x, P[2]): in = dim 2
+    assert locate(P[3].t(), P) == ([2, 1], 4, 3)
+    assert locate(P, P) == ([0, 1, 2], 4, None)  # bmm over all experts
+    Q = torch.zeros(4 * 6, 8)  # experts stacked along the rows
+    assert locate(Q.view(4, 6, 8)[1], Q) == ([1, 2], 4, 1)
+    assert locate(Q.view(4, 6, 8)[1].t(), Q) == ([2, 1], 4, 1)
+    assert locate(Q, Q) == ([0, 1], None, None)
+    assert "partial slice" in locate(P[1, :3], P)  # a half of an expert: no whole matrix
+    assert "partial slice" in locate(Q[:5], Q)  # 5 rows do not divide 24
+
+
+def test_linear_uses_give_layout_expert_and_inputs():
+    E, out, inp = 3, 4, 8
+    P = torch.randn(E, inp, out)  # stored [E, in, out]
+    x = torch.randn(5, inp)
+    uses = []
+    with LinearUses({"p": P}, uses.append):
+        x @ P[1]  # GPT-OSS
+        torch.bmm(x.expand(E, 5, inp), P)  # Llama 4
+        F.linear(x, P[2].t())  # another reading of the same storage: same layout
+    assert [(u.param, u.layout, u.expert) for u in uses] == \
+        [("p", Layout(E, True), 1)] + [("p", Layout(E, True), e) for e in range(E)] + [("p", Layout(E, True), 2)]
+    assert all(torch.equal(u.inputs, x) for u in uses)
+    with LinearUses({"p": P}, uses.append) as watch:
+        x[:, :4] @ P[0, :4]  # half of an expert
+    assert "p" in watch.unreadable
+
+
+def test_moe_blocks_are_found_and_gates_left_dense():
+    model = MixtralForCausalLM(MixtralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, num_local_experts=4, num_experts_per_tok=2,
+    ))
+    prefix, blocks = find_blocks(model)
+    assert prefix == "model.layers" and len(blocks) == 2
+    names = [layer.param_name for layer in find_prunable_layers(model, 4)]
+    assert names[:6] == [f"model.layers.0.{s}" for s in (
+        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+        "mlp.experts.gate_up_proj", "mlp.experts.down_proj")]
+    assert "model.layers.0.mlp.gate.weight" not in names and len(names) == 12
+
+
+def test_shapes_are_read_without_running_a_parametrization():
+    """MaskLLM parametrizes the weights: asking a layer for its widths must not draw a mask."""
+    from torch.nn.utils import parametrize
+
+    class Counting(nn.Module):
+        calls = 0
+
+        def forward(self, w):
+            Counting.calls += 1
+            return w
+
+    experts = nn.Module()
+    experts.gate_up_proj = nn.Parameter(torch.randn(3, 8, 6))  # [E, in, out]
+    parametrize.register_parametrization(experts, "gate_up_proj", Counting(), unsafe=True)
+    layer = PrunableLayer("e", experts, 0, "gate_up_proj", experts=3, transposed=True)
+    before = Counting.calls
+    assert (layer.in_features, layer.out_features, tuple(layer.shape)) == (8, 6, (3, 8, 6))
+    assert layer.stored(torch.zeros(3, 6, 8)).shape == (3, 8, 6)
+    assert Counting.calls == before

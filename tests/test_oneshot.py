@@ -207,7 +207,8 @@ def test_shared_inputs_share_statistics():
     with torch.no_grad():
         calls = capture_block_inputs(model, calib_tokens(), batch_size=4)
         stats = observe_block(blocks[0], layers, calls, lambda l: InputStats(l.in_features, "cpu", hessian=True))
-    ids = {name.split(".")[-1]: id(s) for name, s in stats.items()}
+    assert all(expert is None for _, expert in stats)  # keyed (parameter name, expert): no experts here
+    ids = {name.split(".")[-2]: id(s) for (name, _), s in stats.items()}
     assert ids["q_proj"] == ids["k_proj"] == ids["v_proj"] and ids["gate_proj"] == ids["up_proj"]
     assert len({ids["q_proj"], ids["o_proj"], ids["gate_proj"], ids["down_proj"]}) == 4
     assert all(s.nsamples == 6 for s in stats.values())  # every sample of every batch seen once

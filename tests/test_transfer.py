@@ -129,7 +129,7 @@ def state(store, source, prior, ppl, prior_file=None):
 
 
 def test_transfer_states_pair_the_general_state_with_the_runs_learned_on_the_new_domain(tmp_path, monkeypatch):
-    from stages.plot import transfer_bars
+    from pipeline.sweeps import transfer_bars, transfer_states
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     general = state(tmp_path, "wiki", "sparsegpt", {"dense": 50.0, "sparsegpt": 205.0, "maskllm": 231.0})
@@ -143,7 +143,7 @@ def test_transfer_states_pair_the_general_state_with_the_runs_learned_on_the_new
     f.write_text(json.dumps({"ppl": 1.0, "protocol": {}}))
     tracking.sync(parse_params(raw), "shakespeare", [tracking.Result("maskllm", "shakespeare", True, {"ppl": 1.0}, f)])
 
-    states = tracking.transfer_states(general)
+    states = transfer_states(general)
     assert list(states) == ["shakespeare"]
     assert sorted((s["prior"], s["ppl"]["maskllm"]) for s in states["shakespeare"]) == [
         ("file:general", 100.0), ("sparsegpt", 120.0)]
@@ -155,4 +155,45 @@ def test_transfer_states_pair_the_general_state_with_the_runs_learned_on_the_new
         ("MaskLLM on shakespeare, prior: wiki MaskLLM mask (general)", 100.0)]
     assert dense == 50.0
     # seen from a state learned on shakespeare, wiki has no file-prior run: no transfer figure
-    assert tracking.transfer_states(parse_params({**raw, "learn": {**raw["learn"], "tau": 4.0}})) == {}
+    assert transfer_states(parse_params({**raw, "learn": {**raw["learn"], "tau": 4.0}})) == {}
+
+
+# ------------------------------------------------------------- fused experts (3-D masks)
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "dbrx"])
+def test_a_fused_expert_mask_file_is_accepted_as_a_prior(tmp_path, arch):
+    from tests.test_coverage import ARCHS
+
+    model = ARCHS[arch]()
+    dense = dense_dir(tmp_path, model)
+    masks = magnitude_masks(model)
+    assert any(mask.ndim == 3 for mask in masks.values()) or arch == "dbrx"  # DBRX stacks experts in 2-D
+    save_masks(tmp_path / "harden.safetensors", masks)
+    export_mask(tmp_path / "harden.safetensors", tmp_path / "general.safetensors", dense_dir=dense, n=2, m=4,
+                learned_on="wiki", method="maskllm", params_hash="p")
+    export_packed_npz(tmp_path / "released.npz", masks)
+    for path in (tmp_path / "general.safetensors", tmp_path / "released.npz"):
+        loaded, _ = load_prior_file(path, model, 2, 4, dense)
+        assert loaded.keys() == masks.keys() and all(torch.equal(loaded[k], masks[k]) for k in masks)
+
+
+def test_a_fused_expert_prior_is_checked_expert_by_expert(tmp_path):
+    from tests.test_coverage import ARCHS
+
+    model = ARCHS["mixtral"]()
+    masks = magnitude_masks(model)
+    name = "model.layers.0.mlp.experts.down_proj"  # [E, out 64, in 128]
+    cases = {
+        "transposed": ({**masks, name: masks[name].transpose(1, 2).contiguous()}, r"has shape \(4, 128, 64\)"),
+        "not n:m": ({**masks, name: masks[name].clone().index_fill_(2, torch.tensor([0, 1, 2]), True)},
+                    r"down_proj: .* groups do not keep exactly 2 of 4 \(not a 2:4 mask\)"),
+        "missing": ({k: v for k, v in masks.items() if k != name}, r"no mask for 1 N:M target.*down_proj"),
+    }
+    for case, (bad, match) in cases.items():
+        save_masks(tmp_path / f"{case}.safetensors", bad)
+        with pytest.raises(PriorFileError, match=match):
+            load_prior_file(tmp_path / f"{case}.safetensors", model, 2, 4, tmp_path)
+    # the missing expert weight is fine once sparsity.ignore leaves it dense
+    loaded, _ = load_prior_file(tmp_path / "missing.safetensors", model, 2, 4, tmp_path,
+                                ignore=[r"layers\.0\.mlp\.experts\.down_proj"])
+    assert name not in loaded
