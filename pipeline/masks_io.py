@@ -1,9 +1,10 @@
 """Masks on disk: safetensors (ours), packed ``.npz`` (the MaskLLM authors'), sparse HF checkpoints.
 
 A mask is keyed by its parameter name (``model.layers.0.mlp.up_proj.weight``) and shaped
-like the stored parameter (GPT-2 ``Conv1D``: ``[in, out]``). Every writer goes through a
-temporary path in the target directory and renames at the end, so a killed run leaves
-no half-written file.
+like the stored parameter (GPT-2 ``Conv1D``: ``[in, out]``; fused experts 3-D, e.g. Mixtral's
+``model.layers.0.mlp.experts.gate_up_proj`` ``[E, 2I, H]``, GPT-OSS's ``[E, H, 2I]``). Every
+writer goes through a temporary path in the target directory and renames at the end, so a
+killed run leaves no half-written file.
 """
 from __future__ import annotations
 
@@ -47,9 +48,11 @@ def _checked_params(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[st
 
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Zero the pruned weights in place: ``W *= mask`` for every parameter name in ``masks``."""
+    """Zero the pruned weights in place (to +0.0) for every parameter name in ``masks``."""
     for name, param in _checked_params(model, masks).items():
-        param.mul_(masks[name].to(param.device, param.dtype))
+        # masked_fill, not W *= mask: a pruned negative weight times 0 is -0.0, which 2:4 packers
+        # and serving stacks that test bit patterns do not read as a zero.
+        param.masked_fill_(~masks[name].to(param.device, torch.bool), 0.0)
 
 
 def export_packed_npz(path: str | Path, masks: dict[str, torch.Tensor]) -> None:
@@ -85,11 +88,16 @@ def import_packed_npz(path: str | Path, shapes: dict[str, tuple[int, ...]]) -> d
 def export_sparse_checkpoint(
     model: nn.Module, masks: dict[str, torch.Tensor], out_dir: str | Path, tokenizer=None
 ) -> None:
-    """``save_pretrained`` with the pruned weights zeroed (the model itself is left untouched)."""
+    """``save_pretrained`` with the pruned weights +0.0 (the model itself is left untouched).
+
+    Pruned entries are set by the mask, never ``W * mask`` (-0.0 for a negative weight); a kept
+    weight that is itself 0.0 (dequantised 4-bit weights) stays, so a group may hold more zeros
+    than M - N: the mask, not the zeros, says which weights were pruned.
+    """
     params = _checked_params(model, masks)
     state = model.state_dict()
     for name, param in params.items():
-        state[name] = param.detach() * masks[name].to(param.device, param.dtype)
+        state[name] = torch.where(masks[name].to(param.device, torch.bool), param.detach(), 0.0)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, state_dict=state)
         if tokenizer is not None:
