@@ -114,10 +114,14 @@ def prepare(model: torch.nn.Module, priors: dict | None, cfg: Learn, sp: Sparsit
     """Masks attached, the model sharded (FSDP) or wrapped (DDP) for ``learn.parallel`` -> (net, masks)."""
     strength = cfg.prior_strength if priors is not None else 0.0
     if cfg.activation_checkpointing:  # recompute each block in backward: the noise is keyed, so the same masks
-        if not hasattr(model, "gradient_checkpointing_enable"):
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
             raise NMError(f"learn.activation_checkpointing: {type(model).__name__} is no transformers model; "
                           "set it to false")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fsdp = cfg.parallel == "fsdp" and d.world > 1
     on_block = shard_blocks(model, d, device) if fsdp else None
     masks = attach_masks(model, sp.n, sp.m, priors=priors, prior_strength=strength, seed=cfg.seed,

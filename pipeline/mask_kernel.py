@@ -14,8 +14,9 @@ uninterrupted one would, and the result does not depend on the thread count. ``u
 
 **Two implementations of one formula.** On CPU, a C++ kernel (``csrc/masked_weight.cpp``, compiled
 on first use by ``torch.utils.cpp_extension``) makes one pass per layer forward and one backward,
-instead of ~15 tensor-wide passes and 1.5 floats per weight kept for backward. Elsewhere (CUDA,
-or no C++ compiler), the same math in torch ops under plain autograd. The two draw bitwise-identical
+instead of ~15 tensor-wide passes. Elsewhere (CUDA, or no C++ compiler), the same math in torch ops
+(``masked_weight_reference``, also the test oracle), wrapped so that, like the kernel, it keeps
+nothing but its inputs for backward and recomputes the sample there. The two draw bitwise-identical
 uniforms; their logs and exps may differ in the last bit.
 
 Subnormal soft-mask entries are flushed to zero in both, as FTZ would: late in the schedule
@@ -192,6 +193,41 @@ class _MaskedWeight(torch.autograd.Function):
         return None, grad_logits, None, None, None, None, None
 
 
+class _MaskedWeightTorch(torch.autograd.Function):
+    """The torch ops with the C++ kernel's memory behaviour: nothing but the inputs is kept for backward,
+    which recomputes the layer's sample (the same keyed noise) under its own small graph.
+
+    Besides memory, this keeps the regulariser's gradient in the same autograd node as the mask's:
+    with separate ops, backward reaches every layer's ``||W * M||^2`` branch straight from the loss,
+    at its very start, which makes activation checkpointing recompute every block at once."""
+
+    @staticmethod
+    def forward(ctx, weight, logits, candidates, key, temperature, logit_scale, view):
+        with torch.no_grad():
+            out, sq, confidence = masked_weight_reference(weight, logits, candidates, key, temperature, logit_scale,
+                                                          view)
+        ctx.save_for_backward(weight, logits, candidates)
+        ctx.args = (key, temperature, logit_scale, view)
+        ctx.mark_non_differentiable(confidence)
+        return out, sq, confidence
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_sq, _grad_confidence):
+        weight, logits, candidates = ctx.saved_tensors
+        key, temperature, logit_scale, view = ctx.args
+        with torch.enable_grad():
+            leaf = logits.detach().requires_grad_()
+            out, sq, _ = masked_weight_reference(weight.detach(), leaf, candidates, key, temperature, logit_scale,
+                                                 view)
+            outputs, grads = [], []
+            for tensor, grad in ((out, grad_out), (sq, grad_sq)):
+                if grad is not None:
+                    outputs.append(tensor)
+                    grads.append(grad)
+            (grad_logits,) = torch.autograd.grad(outputs, [leaf], grads)
+        return None, grad_logits, None, None, None, None, None
+
+
 def masked_weight(weight: torch.Tensor, logits: torch.Tensor, candidates: torch.Tensor, key: tuple[int, int],
                   temperature: float, logit_scale: float, view: View | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -202,6 +238,5 @@ def masked_weight(weight: torch.Tensor, logits: torch.Tensor, candidates: torch.
     ``[G, C]``, contiguous, groups in the row-major order of that view; candidates: ``[C, M]`` 0/1.
     Gradients flow to the logits only.
     """
-    if kernel_name(weight.device, logits.shape[1]) == "cpp":
-        return _MaskedWeight.apply(weight, logits, candidates, key, temperature, logit_scale, view)
-    return masked_weight_reference(weight, logits, candidates, key, temperature, logit_scale, view)
+    fused = _MaskedWeight if kernel_name(weight.device, logits.shape[1]) == "cpp" else _MaskedWeightTorch
+    return fused.apply(weight, logits, candidates, key, temperature, logit_scale, view)

@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from pipeline.mask_kernel import as_3d, masked_weight, noise_key, sample_reference
-from pipeline.nm import NMError, candidates as make_candidates, check_nm, find_prunable_layers
+from pipeline.nm import NMError, candidates as make_candidates, check_nm, find_blocks, find_prunable_layers
 
 __all__ = [
     "Schedule", "MaskState", "MaskSet", "LearnableMask",
@@ -184,6 +184,7 @@ class MaskSet:
                  prior_choice: dict[str, torch.Tensor] | None):
         self.n, self.m, self.state = n, m, state
         self.layers = layers  # param_name -> (PrunableLayer, LearnableMask)
+        self._hooks: list = []
         # param_name -> (the prior's candidate index of the groups this process holds, first group)
         self._prior_choice = None if prior_choice is None else {k: (c, 0) for k, c in prior_choice.items()}
         self.last_regularizer = float("nan")
@@ -291,6 +292,9 @@ class MaskSet:
 
     def remove(self) -> None:
         """Remove the parametrizations: the modules get back their plain (frozen) weights."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
         for layer, _ in self.layers.values():
             parametrize.remove_parametrizations(layer.module, _attr(layer), leave_parametrized=False)
         self.layers = {}
@@ -383,7 +387,27 @@ def attach_masks(model: nn.Module, n: int, m: int, *, priors: dict[str, torch.Te
         layers[layer.param_name] = (layer, mask)
         if on_block is not None and (index + 1 == len(prunable) or prunable[index + 1].block != layer.block):
             on_block(layer.block)
-    return MaskSet(n, m, layers, state, prior_choice)
+    masks = MaskSet(n, m, layers, state, prior_choice)
+    _, blocks = find_blocks(model)
+    masks._hooks = [hook for b in sorted({layer.block for layer in prunable}) for hook in _cache_in(blocks[b])]
+    return masks
+
+
+def _cache_in(block: nn.Module) -> list:
+    """Cache every mask of ``block`` while the block runs (one sample per layer and step, however
+    often a weight is read: fused experts read theirs once per expert), and drop it when the block
+    is done: a masked weight lives no longer than its block needs it (with activation checkpointing,
+    the recomputation draws the same, keyed, noise)."""
+    contexts = []
+
+    def enter(module, args):
+        contexts.append(parametrize.cached())
+        contexts[-1].__enter__()
+
+    def leave(module, args, output):
+        contexts.pop().__exit__(None, None, None)
+
+    return [block.register_forward_pre_hook(enter), block.register_forward_hook(leave, always_call=True)]
 
 
 # ------------------------------------------------------------------ optimisation
@@ -409,8 +433,7 @@ def train_step(model: nn.Module, masks: MaskSet, input_ids: torch.Tensor, optimi
     """One MaskLLM step on ``input_ids`` [B, T]: sample, CE - lambda*||W*M||^2, backward, clip, AdamW."""
     reg_weight = masks.set_step(schedule, t)
     optimizer.zero_grad(set_to_none=True)  # before the forward: old grads and activations never coexist
-    with parametrize.cached():  # one sample per layer per step, however often .weight is read
-        ce = model(input_ids=input_ids, labels=input_ids).loss
+    ce = model(input_ids=input_ids, labels=input_ids).loss  # each block caches its masks while it runs
     reg = masks.regularizer(reg_weight)
     loss = ce + reg
     loss.backward()
