@@ -78,7 +78,7 @@ sweep-transfer: install       ## learned general mask vs one-shot mask as the pr
 	$(BIN)/python -m pipeline.queue_wait
 	$(MAKE) sweeps-plot
 sweeps-plot: install
-	$(BIN)/dvc repro plot
+	$(BIN)/dvc repro track  # MLflow sync + plots/sweeps/*.png from the states MLflow holds
 
 ui: install
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \

@@ -7,6 +7,9 @@ load from other processes hits both alike; the median per step is reported.
 Peak memory: each variant runs alone in a subprocess (CPU: ru_maxrss, which includes the
 interpreter and the model; CUDA: torch.cuda.max_memory_allocated).
 Writes bench/results/maskllm_step.json.
+Roofline: each variant's FLOPs per step (counted from the model's shapes: forward, input
+gradients, and the weight gradients it computes) over its median step time, as a fraction of
+this machine's float32 GEMM peak on the model's shapes (bench/roofline.py, measured in this process).
 
   dense step:   forward, CE, backward, clip 1.0, AdamW (all weights trainable), cosine lr step
   MaskLLM step: sample every mask, forward, CE - lambda*||W*M||^2, backward to the logits,
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import resource
 import statistics
@@ -29,6 +33,8 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import maskllm  # noqa: E402
+from pipeline.mask_kernel import kernel_name  # noqa: E402
+from roofline import gemm_peak, model_shapes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "maskllm_step.json"
 
@@ -59,8 +65,7 @@ def dense_variant(args):
 def maskllm_variant(args):
     """A closure running one MaskLLM step (pipeline.maskllm.train_step)."""
     model = load(args)
-    state = maskllm.MaskState(recompute=args.recompute)
-    masks = maskllm.attach_masks(model, args.n, args.m, state=state)
+    masks = maskllm.attach_masks(model, args.n, args.m)
     optimizer, lr_schedule = maskllm.make_optimizer(masks, lr=5e-4, steps=1000)
     schedule = maskllm.Schedule(steps=1000)
 
@@ -131,10 +136,25 @@ def peak_rss_mib() -> float:
 
 def peak_memory(args, variant: str) -> float:
     cmd = [sys.executable, __file__, args.model, "--variant", variant, "--device", args.device,
-           "--batch", str(args.batch), "--seqlen", str(args.seqlen), "--n", str(args.n), "--m", str(args.m),
-           "--recompute" if args.recompute else "--no-recompute"]
+           "--batch", str(args.batch), "--seqlen", str(args.seqlen), "--n", str(args.n), "--m", str(args.m)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def step_flops(model_dir: str, batch: int, seqlen: int) -> dict[str, float]:
+    """FLOPs of one step per variant: forward + input gradients of every GEMM; weight gradients of
+    the block linears (dense: AdamW trains them; MaskLLM: the gradient of W * mask feeds the logits)
+    and of the LM head (dense only: MaskLLM's is frozen and unmasked)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    shapes, tokens = model_shapes(config), batch * seqlen
+    twice = {"k_proj/v_proj", "gate_proj/up_proj"}  # two layers of that shape
+    block = sum(2 * o * i * (2 if name in twice else 1) for name, (o, i) in shapes.items() if name != "lm_head")
+    block = block * config["num_hidden_layers"] * tokens
+    head = 2 * shapes["lm_head"][0] * shapes["lm_head"][1] * tokens
+    q = shapes["q_proj"][0]
+    attention = 2 * 2 * q * (seqlen + 1) / 2 * tokens * config["num_hidden_layers"]  # QK^T, AV: causal half
+    forward = block + head + attention
+    return {"dense": 3 * forward, "maskllm": 3 * forward - head}
 
 
 def main() -> None:
@@ -147,8 +167,6 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--m", type=int, default=4)
-    ap.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=False,
-                    help="redraw y in backward instead of keeping it (MaskState.recompute)")
     ap.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)  # subprocess mode
     args = ap.parse_args()
     if args.variant:
@@ -157,11 +175,13 @@ def main() -> None:
     peak = {name: peak_memory(args, name) for name in VARIANTS}  # first, while this process is small
     wall, cpu = time_both(args)
     median = {name: statistics.median(ts) for name, ts in wall.items()}
+    gemm = gemm_peak() if args.device == "cpu" else None  # the yardstick of bench/roofline.py (CPU)
+    work = step_flops(args.model, args.batch, args.seqlen)
     median_cpu = {name: statistics.median(ts) for name, ts in cpu.items()}
     result = {
         "model": args.model, "device": args.device, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "machine": platform.machine(),
-        "batch": args.batch, "seqlen": args.seqlen, "n": args.n, "m": args.m, "recompute": args.recompute,
+        "batch": args.batch, "seqlen": args.seqlen, "n": args.n, "m": args.m, "mask_kernel": kernel_name(args.device, math.comb(args.m, args.n)),
         "steps": args.steps, "warmup": args.warmup,
         "step_s": wall, "step_cpu_s": cpu,
         "median_step_s": median, "median_step_cpu_s": median_cpu, "peak_mib": peak,
@@ -169,11 +189,18 @@ def main() -> None:
         "cpu_time_ratio": median_cpu["maskllm"] / median_cpu["dense"],
         "memory_ratio": peak["maskllm"] / peak["dense"],
         "memory_kind": "cuda max_memory_allocated" if args.device.startswith("cuda") else "ru_maxrss (whole process)",
+        "flops_per_step": work, "gemm_peak_flops_per_s": gemm,
+        "achieved_flops_per_s": {name: work[name] / median[name] for name in VARIANTS},
+        "fraction_of_peak": {name: work[name] / median[name] / gemm for name in VARIANTS} if gemm else None,
     }
     print(f"{'variant':10s} {'median step (s)':>16s} {'CPU s/step':>11s} {'peak (MiB)':>11s}")
     for name in VARIANTS:
         print(f"{name:10s} {median[name]:16.3f} {median_cpu[name]:11.3f} {peak[name]:11.0f}")
     print(f"{'ratio':10s} {result['time_ratio']:16.2f} {result['cpu_time_ratio']:11.2f} {result['memory_ratio']:11.2f}")
+    if gemm:
+        print("achieved FLOP/s, fraction of the GEMM peak (" + f"{gemm / 1e9:.1f} GFLOP/s): "
+              + ", ".join(f"{name} {work[name] / median[name] / 1e9:.1f} GFLOP/s = {work[name] / median[name] / gemm:.2f}"
+                          for name in VARIANTS))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS}")

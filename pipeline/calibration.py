@@ -34,31 +34,34 @@ class InputStats:
     """Streaming statistics of one layer's calibration inputs X [tokens, in].
 
     ``sq_norms`` [in] float64: ``||X_j||_2^2`` over all tokens (Wanda).
-    ``hessian`` [in, in] float32: ``2 X^T X / nsamples`` kept as a running mean over
-    samples, like SparseGPT's ``add_batch`` (its scale cancels in every use), accumulated in
-    ``hessian_dtype`` (float64: the products and sums in double, rounded to float32 once).
+    ``hessian`` [in, in]: ``2 X^T X / nsamples`` kept as a running mean over samples, like
+    SparseGPT's ``add_batch`` (its scale cancels in every use), in the inputs' precision:
+    float32 (bfloat16 / float16 inputs widen to it), or float64 for float64 inputs (a model
+    calibrated in float64, ``prior.dtype``).
     """
 
     panel = 192  # Gram rows per matmul: only the upper staircase of X^T X is computed
 
-    def __init__(self, width: int, device: torch.device | str, norms: bool = False, hessian: bool = False,
-                 hessian_dtype: torch.dtype = torch.float32):
+    def __init__(self, width: int, device: torch.device | str, norms: bool = False, hessian: bool = False):
         self.nsamples = 0
         self.sq_norms = torch.zeros(width, dtype=torch.float64, device=device) if norms else None
-        self._upper = torch.zeros(width, width, dtype=hessian_dtype, device=device) if hessian else None
+        self._width, self._device, self._wants_hessian = width, device, hessian
+        self._upper = None  # allocated by the first batch, in its precision
         self._hessian = None
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Accumulate a batch of inputs ``x`` [batch, seq, in] (or [tokens, in] = one sample)."""
         batch = x.shape[0] if x.ndim == 3 else 1
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1])
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         total = self.nsamples + batch
         if self.sq_norms is not None:
             self.sq_norms += torch.linalg.vector_norm(x, dim=0).double().square()
-        if self._upper is not None:
+        if self._wants_hessian:
+            if self._upper is None:
+                self._upper = torch.zeros(self._width, self._width, dtype=x.dtype, device=self._device)
             # H <- H * old/total + (2/total) X^T X, one row panel at a time: X^T X is
             # symmetric, so the panels stop at the diagonal (about 40 % fewer flops)
-            x = x.to(self._upper.dtype)
             for i in range(0, x.shape[1], self.panel):
                 rows = slice(i, i + self.panel)
                 self._upper[rows, i:].addmm_(x[:, rows].t(), x[:, i:], beta=self.nsamples / total, alpha=2 / total)
@@ -67,9 +70,9 @@ class InputStats:
 
     @property
     def hessian(self) -> torch.Tensor | None:
-        """The full symmetric ``2 X^T X / nsamples`` [in, in] (built from the upper triangle)."""
+        """The full symmetric ``2 X^T X / nsamples`` [in, in] (built from the upper triangle); None before any batch."""
         if self._upper is not None and self._hessian is None:
-            self._hessian = (self._upper.triu() + self._upper.triu(1).t()).float()
+            self._hessian = self._upper.triu() + self._upper.triu(1).t()
         return self._hessian
 
 

@@ -5,6 +5,7 @@ pipeline with a message naming the key path and the allowed values, and nothing 
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -23,9 +24,23 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _regexes(patterns: list[str]) -> list[str]:
+    # sparsity.ignore: each must compile here; that each matches a weight is checked once the model is known
+    for i, pattern in enumerate(patterns):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"[{i}] {pattern!r} is not a valid regular expression ({e})") from None
+    if len(set(patterns)) != len(patterns):
+        raise ValueError("must not repeat a pattern")
+    return patterns
+
+
 class Sparsity(Section):
     n: int = Field(2, ge=1, description="weights kept in every group")
     m: int = Field(4, ge=2, le=16, description="group size along the input dimension")
+    # regexes (re.search) on parameter names of block weights to leave dense, e.g. ['self_attn\.o_proj']
+    ignore: Annotated[list[str], AfterValidator(_regexes)] = []
 
     @model_validator(mode="after")
     def _n_le_m(self):
@@ -79,16 +94,25 @@ class Model(Section):
         return self
 
 
-Method = Literal["magnitude", "wanda", "sparsegpt"]
+# sparsegpt_noupdate: the MaskLLM authors' prior (the dense model's Hessians, no OBS update)
+Method = Literal["magnitude", "wanda", "sparsegpt", "sparsegpt_noupdate"]
 
 
 class Prior(Section):
-    methods: Annotated[list[Method], AfterValidator(_unique_list)] = ["magnitude", "wanda", "sparsegpt"]
+    methods: Annotated[list[Method], AfterValidator(_unique_list)] = [
+        "magnitude", "wanda", "sparsegpt", "sparsegpt_noupdate"]
     nsamples: int = Field(64, ge=1)
     seqlen: int = Field(512, ge=8)
     seed: int = 0
     percdamp: float = Field(0.01, gt=0, lt=1)
     blocksize: int = Field(128, ge=1)
+    # each layer's ||(W - W')X||^2 / ||WX||^2 in metrics/prior/: costs magnitude a calibration
+    # pass and Wanda a Gram matrix per input; the SparseGPT methods report it always (free)
+    reconstruction_error: bool = False
+    # precision of the calibration forwards, Hessians, H^-1 factors and sweeps. float64 makes the
+    # masks the same on other CPUs and kernels (float32's differ in ~2 % of entries: near-ties flip
+    # and the flips cascade block by block), at about twice the time of a float32 prior
+    dtype: Literal["float32", "float64"] = "float64"
 
 
 
@@ -101,14 +125,31 @@ class Learn(Section):
     tau_end: float = Field(0.05, gt=0)
     kappa: float = Field(1e2, gt=0, description="logit scale at step 0")
     kappa_end: float = Field(5e2, gt=0)
-    prior: Literal["none", "magnitude", "wanda", "sparsegpt", "file"] = "sparsegpt"
+    prior: Literal["none", "magnitude", "wanda", "sparsegpt", "sparsegpt_noupdate", "file"] = "sparsegpt"
     prior_file: Optional[str] = None  # learn.prior=file: a mask file (transfer of a learned mask)
     prior_strength: float = Field(3.0, ge=0)
     weight_reg: float = Field(1e-5, ge=0)
     weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    eps: float = Field(1e-5, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
     checkpoint_every: int = Field(16, ge=1)
+    # scale: processes (torchrun, launched by the stage itself), how they split the work, precision
+    nproc: int = Field(1, ge=1)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # frozen weights and activations; logits stay float32
+    activation_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _parallel(self):
+        if self.batch_size % self.nproc:
+            raise ValueError(f"learn.nproc={self.nproc} must divide learn.batch_size={self.batch_size} "
+                             "(every process takes an equal share of the batch): change one of them")
+        if self.parallel == "fsdp" and self.nproc == 1:
+            raise ValueError("learn.parallel=fsdp shards the model over processes and needs learn.nproc > 1; "
+                             "set learn.nproc (e.g. the number of GPUs) or learn.parallel=ddp")
+        return self
 
     @model_validator(mode="after")
     def _prior_file(self):
@@ -126,6 +167,15 @@ class Harden(Section):
     export_checkpoint: bool = False
 
 
+# zero-shot tasks of the MaskLLM paper (lm-eval's task names): their datasets are on the hub
+HUB_TASKS = ("hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "boolq")
+
+
+def zeroshot_leaves(task: str, domains: list[str]) -> list[str]:
+    """An entry of evaluate.zeroshot_tasks -> the lm-eval tasks it runs ('lastword': one per domain)."""
+    return [f"lastword_{d}" for d in domains] if task == "lastword" else [task]
+
+
 class Evaluate(Section):
     seqlen: int = Field(512, ge=8)
     batch_size: int = Field(4, ge=1)
@@ -134,6 +184,31 @@ class Evaluate(Section):
     # test text of each domain (the training domain's test split must be among them)
     domains: Annotated[list[Literal["wiki", "shakespeare", "pydocs", "wikitext2", "c4"]],
                        AfterValidator(_unique_list)] = ["wiki", "shakespeare", "pydocs"]
+    # --- zero-shot accuracy through lm-evaluation-harness (stages/zeroshot.py, tasks/) ---
+    # lastword: LAMBADA-style last word on every domain's test articles (lastword_<domain>: one);
+    # hub tasks (HUB_TASKS) need the hub or a local copy in zeroshot_data
+    zeroshot_tasks: list[str] = ["lastword"]
+    zeroshot_limit: Optional[int] = Field(32, ge=1)  # examples per task (lm-eval's limit); None = all
+    zeroshot_seqlen: int = Field(64, ge=8)  # context length in tokens (contexts are cut from the left)
+    zeroshot_data: dict[str, str] = {}  # hub task -> local copy of its dataset (a folder load_dataset reads)
+
+    @model_validator(mode="after")
+    def _zeroshot(self):
+        known = ["lastword", *(f"lastword_{d}" for d in self.domains), *HUB_TASKS]
+        for task in self.zeroshot_tasks:
+            if task not in known:
+                hint = (f"lastword_{task[9:]} needs {task[9:]!r} in evaluate.domains"
+                        if task.startswith("lastword_") else f"one of {known}")
+                raise ValueError(f"evaluate.zeroshot_tasks: unknown task {task!r} ({hint})")
+        leaves = [leaf for t in self.zeroshot_tasks for leaf in zeroshot_leaves(t, self.domains)]
+        if len(set(leaves)) != len(leaves):
+            raise ValueError(f"evaluate.zeroshot_tasks {self.zeroshot_tasks} names a task twice "
+                             "('lastword' already holds every lastword_<domain>)")
+        for task in self.zeroshot_data:
+            if task not in HUB_TASKS or task not in self.zeroshot_tasks:
+                raise ValueError(f"evaluate.zeroshot_data.{task}: {task!r} is not in evaluate.zeroshot_tasks "
+                                 f"(a local copy is only for hub tasks {list(HUB_TASKS)} that are run)")
+        return self
 
 
 

@@ -3,7 +3,13 @@
 Wanda and SparseGPT are calibrated block by block (``pipeline.calibration``): the inputs
 of block l come from the already pruned blocks < l, SparseGPT's blocks with their updated
 weights, Wanda's with their masked weights. **The model is pruned in place**: pass a copy
-if the dense model is still needed.
+if the dense model is still needed. ``sparsegpt_noupdate`` (the MaskLLM authors' prior) is
+the exception to the block order: every block is calibrated on the **dense** model's
+activations, and its masks are applied once all blocks are chosen.
+
+Fused mixture-of-experts weights ``[E, out, in]`` are pruned expert by expert, each from
+the inputs of the tokens routed to it; an expert that no calibration token reaches gets
+the magnitude choice (listed in ``OneShotResult.fallbacks``).
 """
 from __future__ import annotations
 
@@ -13,13 +19,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pipeline.calibration import InputStats, prune_blockwise
+from pipeline.calibration import InputStats, StatsKey, prune_blockwise
 from pipeline.magnitude import magnitude_mask
 from pipeline.nm import PrunableLayer, check_nm, check_pattern, find_prunable_layers
 from pipeline.sparsegpt import check_blocksize, sparsegpt_prune_layers
+from pipeline.sparsegpt_noupdate import sparsegpt_noupdate_layers
 from pipeline.wanda import wanda_mask
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt_noupdate")
+HESSIAN_METHODS = ("sparsegpt", "sparsegpt_noupdate")  # they need H anyway: their reconstruction error is free
 
 
 @dataclass
@@ -27,9 +35,11 @@ class OneShotResult:
     """Masks keyed by parameter name, **shaped like the stored parameter** (bool).
 
     For ``nn.Linear`` that is ``[out, in]``; for GPT-2's ``Conv1D`` it is ``[in, out]``
-    (groups of M then run along dim 0). ``updated_weights`` (SparseGPT only) are the
-    pruned weights with the OBS update, same keys and shapes. ``errors``: per parameter,
-    ``||W X - W' X||^2 / ||W X||^2`` on the calibration inputs the layer was pruned from.
+    (groups of M then run along dim 0); for fused experts ``[E, out, in]`` or ``[E, in, out]``.
+    ``updated_weights`` (SparseGPT only) are the pruned weights with the OBS update, same
+    keys and shapes. ``errors``: per parameter, ``||W X - W' X||^2 / ||W X||^2`` on the
+    calibration inputs the layer was pruned from (summed over its experts). ``fallbacks``:
+    the experts (``"<param>[e]"``) that no calibration token reached: magnitude choice.
     """
 
     method: str
@@ -38,6 +48,7 @@ class OneShotResult:
     masks: dict[str, torch.Tensor]
     updated_weights: dict[str, torch.Tensor] | None = None
     errors: dict[str, float] = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -46,6 +57,27 @@ def relative_error(weight: torch.Tensor, new_weight: torch.Tensor, hessian: torc
     W = weight.float()
     D = W - new_weight.float()
     return float(((D @ hessian) * D).sum() / ((W @ hessian) * W).sum())
+
+
+@dataclass
+class _Matrix:
+    """One ``[out, in]`` matrix to prune: a layer's weight, or expert ``expert`` of a fused one."""
+
+    layer: PrunableLayer
+    expert: int | None
+
+    @property
+    def key(self) -> StatsKey:
+        return (self.layer.param_name, self.expert)
+
+    def weight(self) -> torch.Tensor:
+        """A view: writes go to the parameter."""
+        w = self.layer.weight()
+        return w if self.expert is None else w[self.expert]
+
+
+def _matrices(layer: PrunableLayer) -> list[_Matrix]:
+    return [_Matrix(layer, None)] if layer.experts is None else [_Matrix(layer, e) for e in range(layer.experts)]
 
 
 @torch.no_grad()
@@ -60,12 +92,17 @@ def prune_oneshot(
     batch_size: int = 8,
     measure_error: bool = True,
     progress: bool = True,
+    ignore=(),
+    device: torch.device | str | None = None,
 ) -> OneShotResult:
-    """Prune every linear layer in the blocks to N:M (N kept), **in place**; calib: LongTensor [nsamples, seqlen].
+    """Prune every N:M target in the blocks to N:M (N kept), **in place**; calib: LongTensor [nsamples, seqlen].
 
     Magnitude needs no calibration: with ``calib=None`` it runs no forward pass (and
     measures no error). ``measure_error`` fills ``result.errors``; for Wanda (and
-    magnitude with calibration) it costs a Gram matrix per layer input.
+    magnitude with calibration) it costs a Gram matrix per layer input. ``ignore``:
+    ``sparsity.ignore`` patterns (those weights stay dense). ``device``: where the blocks
+    compute, one at a time (default: where the model is; a model on CPU with
+    ``device="cuda"`` keeps only the block being pruned on the GPU).
     """
     if method not in METHODS:
         raise ValueError(f"prior.method: unknown {method!r}; choose one of {', '.join(METHODS)}")
@@ -75,43 +112,66 @@ def prune_oneshot(
     if calib is None and method != "magnitude":
         raise ValueError(f"prior.method={method} needs calibration tokens (calib=None given)")
     start = time.perf_counter()
-    layers = find_prunable_layers(model, m)  # raises, naming the layer, if in % m != 0
+    layers = find_prunable_layers(model, m, ignore)  # raises, naming the layer, if in % m != 0
     result = OneShotResult(method, n, m, masks={}, updated_weights={} if method == "sparsegpt" else None)
+    calibrated = calib is not None and method != "magnitude"
 
     def select(W: torch.Tensor, stats: InputStats | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One-shot mask and new weights of a stacked weight W [out, in]."""
-        if method == "magnitude":
-            mask = magnitude_mask(W, n, m)
-        else:
+        if method == "wanda" and stats is not None:
             mask = wanda_mask(W, stats.sq_norms, n, m)
-        return mask, W * mask
+        else:  # magnitude, or an expert no calibration token reached
+            mask = magnitude_mask(W, n, m)
+        return mask, W.masked_fill(~mask, 0)  # +0.0, never -0.0 (sparse kernels expect +0)
 
-    def record(group: list[PrunableLayer], W, mask, new, stats: InputStats | None) -> None:
-        rows = [layer.weight().shape[0] for layer in group]
-        for layer, w, w_mask, w_new in zip(group, W.split(rows), mask.split(rows), new.split(rows)):
-            check_nm(w_mask, n, m, layer.name)
-            if measure_error and stats is not None:
-                result.errors[layer.param_name] = relative_error(w, w_new, stats.hessian)
-            layer.weight().copy_(w_new)
-            result.masks[layer.param_name] = (w_mask.t() if layer.transposed else w_mask).contiguous().cpu()
-            if result.updated_weights is not None:
-                result.updated_weights[layer.param_name] = layer.module.weight.detach().clone().cpu()
-
-    def prune_block(block_layers: list[PrunableLayer], stats: dict[str, InputStats]) -> None:
-        groups: dict[int, list[PrunableLayer]] = {}  # layers sharing one statistics object
-        for layer in block_layers:
-            key = id(stats[layer.name]) if layer.name in stats else id(layer)
-            groups.setdefault(key, []).append(layer)
+    def prune_block(block_layers: list[PrunableLayer], stats: dict[StatsKey, InputStats]) -> None:
+        groups: dict[int, list[_Matrix]] = {}  # matrices sharing one statistics object
+        for matrix in (mat for layer in block_layers for mat in _matrices(layer)):
+            key = id(stats[matrix.key]) if matrix.key in stats else id(matrix)
+            groups.setdefault(key, []).append(matrix)
         # rows are pruned independently, so layers fed the same input (q/k/v) are pruned
         # as one stacked [sum(out), in] weight: one H^-1 factor, one column sweep
-        todo = [(group, torch.cat([layer.weight().float() for layer in group]), stats.get(group[0].name))
+        # float32, or float64 for a model calibrated in float64 (prior.dtype)
+        todo = [(group, torch.cat([mat.weight().to(torch.promote_types(mat.weight().dtype, torch.float32))
+                                   for mat in group]), stats.get(group[0].key))
                 for group in groups.values()]
+        if calibrated:
+            result.fallbacks += [f"{group[0].layer.param_name}[{group[0].expert}]"
+                                 for group, _, st in todo if st is None and group[0].expert is not None]
         if method == "sparsegpt":  # the block's sweeps are independent: one per core
-            pruned = sparsegpt_prune_layers([(W, st.hessian) for _, W, st in todo], n, m, percdamp, blocksize)
+            swept = iter(sparsegpt_prune_layers([(W, st.hessian) for _, W, st in todo if st is not None],
+                                                n, m, percdamp, blocksize))
+            pruned = [next(swept) if st is not None else select(W, None) for _, W, st in todo]
+        elif method == "sparsegpt_noupdate":
+            chosen = iter(sparsegpt_noupdate_layers([(W, st.hessian) for _, W, st in todo if st is not None],
+                                                    n, m, percdamp))
+            pruned = [next(chosen) if st is not None else select(W, None) for _, W, st in todo]
         else:
             pruned = [select(W, st) for _, W, st in todo]
+        masks = {layer.param_name: torch.zeros(layer.weight().shape, dtype=torch.bool) for layer in block_layers}
+        error_terms = {layer.param_name: [0.0, 0.0] for layer in block_layers}
         for (group, W, st), (mask, new) in zip(todo, pruned):
-            record(group, W, mask, new, st)
+            rows = [mat.weight().shape[0] for mat in group]
+            for mat, w, w_mask, w_new in zip(group, W.split(rows), mask.split(rows), new.split(rows)):
+                name = mat.layer.param_name
+                check_nm(w_mask, n, m, name if mat.expert is None else f"{name}[{mat.expert}]")
+                if measure_error and st is not None:
+                    # H = 2 X^T X / nsamples: weigh each expert's terms by its nsamples to sum over X
+                    D = w - w_new
+                    error_terms[name][0] += st.nsamples * float(((D @ st.hessian) * D).sum())
+                    error_terms[name][1] += st.nsamples * float(((w @ st.hessian) * w).sum())
+                if method != "sparsegpt_noupdate":  # its later blocks see the dense weights: masked at the end
+                    mat.weight().copy_(w_new)
+                target = masks[name] if mat.expert is None else masks[name][mat.expert]
+                target.copy_(w_mask)
+        for layer in block_layers:
+            name = layer.param_name
+            result.masks[name] = layer.stored(masks[name]).contiguous()
+            num, den = error_terms[name]
+            if den > 0:
+                result.errors[name] = num / den
+            if result.updated_weights is not None:
+                result.updated_weights[name] = layer.param().detach().clone().cpu()
 
     if calib is None or (method == "magnitude" and not measure_error):
         prune_block(layers, {})
@@ -119,10 +179,13 @@ def prune_oneshot(
         def new_stats(layer: PrunableLayer) -> InputStats:
             return InputStats(
                 layer.in_features,
-                layer.module.weight.device,
+                layer.param().device,
                 norms=method == "wanda",
-                hessian=method == "sparsegpt" or measure_error,
+                hessian=method in HESSIAN_METHODS or measure_error,
             )
-        prune_blockwise(model, calib, prune_block, new_stats, batch_size, progress)
+        prune_blockwise(model, calib, prune_block, new_stats, batch_size, progress, layers=layers, device=device)
+    if method == "sparsegpt_noupdate":
+        for layer in layers:
+            layer.param().masked_fill_(~result.masks[layer.param_name].to(layer.param().device), 0)
     result.seconds = time.perf_counter() - start
     return result

@@ -10,11 +10,21 @@ matplotlib.use("Agg")  # files only: stages run headless
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.io import atomic_path  # noqa: E402
+from pipeline.rows import ROWS, label  # noqa: E402
 
-LABELS = {"dense": "dense", "magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT",
-          "sparsegpt_maskonly": "SparseGPT mask only", "maskllm": "MaskLLM"}
 COLORS = {"maskllm": "#c0392b", "sparsegpt": "#2c3e50", "sparsegpt_maskonly": "#7f8c8d",
-          "wanda": "#2980b9", "magnitude": "#95a5a6"}
+          "sparsegpt_noupdate": "#8e44ad", "wanda": "#2980b9", "magnitude": "#95a5a6", "dense": "#27ae60"}
+
+
+def plain_log_axis(axis, lo: float, hi: float) -> None:
+    """Plain-number labels on a log axis, only at 1, 2, 5 x 10^k (1 x 10^k beyond ~2.5 decades):
+    matplotlib's default also labels minor ticks on a short axis, where 3x10^2 and 4x10^2 collide."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    subs = (1.0, 2.0, 5.0) if hi / lo <= 10 ** 2.5 else (1.0,)
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _save(fig, path: Path, dpi: int) -> None:
@@ -23,12 +33,14 @@ def _save(fig, path: Path, dpi: int) -> None:
     plt.close(fig)
 
 
-def ppl_bars(ppl: dict[str, float], protocol: dict, path: Path, dpi: int = 150) -> None:
-    """PPL per method on a log axis, the dense model as a reference line."""
-    rows = [r for r in LABELS if r in ppl and r != "dense"]
+def ppl_bars(ppl: dict[str, float], protocol: dict, path: Path, dpi: int = 150,
+             gap: tuple[float, str] | None = None) -> None:
+    """PPL per method on a log axis, the dense model as a reference line; ``gap``: (share of the gap
+    to dense MaskLLM closes, the best one-shot row it is measured against), see report.gap_closed."""
+    rows = [r for r in ROWS if r in ppl and r != "dense"]
     fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(rows) + 1.4))
     vals = [ppl[r] for r in rows]
-    ax.barh([LABELS[r] for r in rows], vals, color=[COLORS.get(r, "#888") for r in rows])
+    ax.barh([label(r) for r in rows], vals, color=[COLORS.get(r, "#888") for r in rows])
     for y, v in enumerate(vals):
         ax.text(v, y, f" {v:.1f}", va="center", fontsize=9)
     if "dense" in ppl:
@@ -37,11 +49,15 @@ def ppl_bars(ppl: dict[str, float], protocol: dict, path: Path, dpi: int = 150) 
     ax.set_xscale("log")
     ax.invert_yaxis()
     ax.set_xlabel("test perplexity (log scale, lower is better)")
-    ax.set_title(f"{protocol.get('model', '')} {protocol.get('sparsity', '')} on {protocol.get('dataset', '')} "
-                 f"(seqlen {protocol.get('seqlen')}, {protocol.get('windows')} windows)", fontsize=10)
+    title = (f"{protocol.get('model', '')} {protocol.get('sparsity', '')} on {protocol.get('dataset', '')} "
+             f"(seqlen {protocol.get('seqlen')}, {protocol.get('windows')} windows)")
+    if gap is not None:
+        title += f"\nMaskLLM closes {100 * gap[0]:.1f} % of the gap between {label(gap[1])} (best one-shot) and dense"
+    ax.set_title(title, fontsize=10)
     everything = vals + ([ppl["dense"]] if "dense" in ppl else [])
     # log axis: bars need an explicit left edge (they start at 0 otherwise, off the axis)
     ax.set_xlim(left=min(everything) / 1.5, right=max(everything) * 3)
+    plain_log_axis(ax.xaxis, min(everything) / 1.5, max(everything) * 3)
     _save(fig, path, dpi)
 
 
@@ -76,7 +92,7 @@ def layer_agreement(stats: dict, path: Path, dpi: int = 150) -> None:
     fig, ax = plt.subplots(figsize=(max(6.4, len(names) * 0.06), 3.6))
     for method in methods:
         ax.plot(range(len(names)), [stats[n][method]["agreement"] for n in names], marker=".", ms=3, lw=1,
-                label=LABELS.get(method, method), color=COLORS.get(method))
+                label=label(method), color=COLORS.get(method))
     ax.set_xlabel("prunable layer (forward order)")
     ax.set_ylabel("weights with the same keep/prune decision")
     ax.set_title("MaskLLM mask vs one-shot masks, per layer", fontsize=10)
@@ -90,7 +106,7 @@ def domain_heatmap(table: dict[str, dict[str, float]], domains: list[str], in_do
     """PPL of every method (rows) on every domain (columns), log-coloured, in-domain first."""
     import numpy as np
 
-    rows = [r for r in LABELS if r in table]
+    rows = [r for r in ROWS if r in table]
     cols = [in_domain] + [d for d in domains if d != in_domain]
     vals = np.array([[table[r].get(d, float("nan")) for d in cols] for r in rows])
     # colour each column by its own log-range: domains differ by orders of magnitude
@@ -106,15 +122,27 @@ def domain_heatmap(table: dict[str, dict[str, float]], domains: list[str], in_do
                     fontsize=9, fontweight="bold" if rows[i] == "maskllm" else None)
     ax.set_xticks(range(len(cols)), [f"{d}\n(in-domain)" if d == in_domain else f"{d}\n(out-of-domain)" for d in cols],
                   fontsize=9)
-    ax.set_yticks(range(len(rows)), [LABELS[r] for r in rows], fontsize=9)
+    ax.set_yticks(range(len(rows)), [label(r) for r in rows], fontsize=9)
     ax.axvline(0.5, color="k", lw=1.5)
     ax.set_title("test perplexity by domain (colour: per-column log scale, green = best)", fontsize=10)
     _save(fig, path, dpi)
 
 
+def _band(ax, row: str, spread: dict | None) -> None:
+    """The spread over seeds of a reference row (min to max), behind its line."""
+    if spread and spread["n"] > 1:
+        ax.axhspan(spread["min"], spread["max"], color=COLORS.get(row, "k"), alpha=0.12, lw=0)
+
+
 def sweep(param: str, points: list[tuple[object, float]], references: dict[str, float], path: Path,
-          dpi: int = 150, ylabel: str = "MaskLLM test PPL (in-domain)") -> None:
-    """MaskLLM PPL against one swept parameter; the one-shot rows and dense as reference lines."""
+          dpi: int = 150, ylabel: str = "MaskLLM test PPL (in-domain)", current: object = None,
+          spread: dict[str, dict] | None = None) -> None:
+    """MaskLLM PPL against one swept parameter; the one-shot rows and dense as reference lines.
+
+    ``spread`` ({row: {"min", "max", "n"}}, sweeps.seed_spread): the current state under other
+    seeds, drawn as an error bar at MaskLLM's ``current`` value and as bands around the references.
+    """
+    spread = spread or {}
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
     xs = [x for x, _ in points]
     ys = [y for _, y in points]
@@ -127,19 +155,24 @@ def sweep(param: str, points: list[tuple[object, float]], references: dict[str, 
     else:
         ax.bar([str(x) for x in xs], ys, color=COLORS["maskllm"], label="MaskLLM")
     for i, (x, y) in enumerate(points):
-        ax.annotate(f"{y:.1f}", (x if numeric else i, y), textcoords="offset points", xytext=(0, 5), ha="center",
+        ax.annotate(f"{y:.1f}", (x if numeric else i, y), textcoords="offset points", xytext=(8, 5), ha="left",
                     fontsize=8)
+    s = spread.get("maskllm")
+    if s and s["n"] > 1 and current in xs:
+        y = ys[xs.index(current)]
+        at = current if numeric else xs.index(current)
+        ax.errorbar([at], [y], yerr=[[y - s["min"]], [s["max"] - y]], fmt="none", ecolor="k", capsize=4, lw=1.2,
+                    label=f"MaskLLM over {s['n']} seeds (min–max)")
     for row, v in references.items():
-        ax.axhline(v, ls="--", lw=1, color=COLORS.get(row, "k"), label=f"{LABELS.get(row, row)} {v:.1f}")
+        _band(ax, row, spread.get(row))
+        ax.axhline(v, ls="--", lw=1, color=COLORS.get(row, "k"), label=f"{label(row)} {v:.1f}")
     ax.set_yscale("log")
-    from matplotlib.ticker import ScalarFormatter
-
-    for axis in (ax.yaxis,):  # plain numbers on the log axis: PPLs are read as values
-        axis.set_major_formatter(ScalarFormatter())
-        axis.set_minor_formatter(ScalarFormatter())
+    values = ys + list(references.values()) + [b for s in spread.values() if s["n"] > 1 for b in (s["min"], s["max"])]
+    plain_log_axis(ax.yaxis, min(values), max(values))  # PPLs are read as values
     ax.set_xlabel(param)
     ax.set_ylabel(ylabel)
-    ax.set_title(f"ablation: {param}", fontsize=10)
+    ax.set_title(f"ablation: {param}" + (" (bands: other seeds, min–max)" if any(
+        s["n"] > 1 for s in spread.values()) else ""), fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     _save(fig, path, dpi)
@@ -161,7 +194,76 @@ def transfer(domain: str, bars: list[tuple[str, float, str]], dense: float | Non
     ax.set_xscale("log")
     ax.invert_yaxis()
     everything = vals + ([dense] if dense is not None else [])
-    ax.set_xlim(left=min(everything) / 1.5, right=max(everything) * 3)
+    lo, hi = min(everything) / 1.5, max(everything) * 3
+    ax.set_xlim(left=lo, right=hi)
+    plain_log_axis(ax.xaxis, lo, hi)
     ax.set_xlabel(f"{domain} test perplexity (log scale, lower is better)")
     ax.set_title(f"transfer to {domain}: learned general mask vs one-shot mask as the prior", fontsize=10)
+    _save(fig, path, dpi)
+
+
+def zeroshot_bars(results: dict[str, dict[str, dict]], path: Path, dpi: int = 150) -> None:
+    """Zero-shot accuracy per lm-eval task (groups) and row (bars), ± the harness's standard error;
+    a task's chance level (a uniform guess over its choices) as a dotted line across its group.
+    results: {row: {task: {"metrics": {"acc"}, "stderr": {"acc"}, "examples", "chance"}}}."""
+    rows = [r for r in ROWS if r in results]
+    tasks = list(dict.fromkeys(t for r in rows for t in results[r] if "acc" in results[r][t]["metrics"]))
+    if not tasks:  # a declared output: say why it is empty
+        fig, ax = plt.subplots(figsize=(6.4, 1.2))
+        ax.text(0.5, 0.5, "no zero-shot results: evaluate.zeroshot_tasks is empty", ha="center", va="center")
+        ax.axis("off")
+        _save(fig, path, dpi)
+        return
+    width = 0.8 / max(1, len(rows))
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(tasks) * max(1, len(rows)) * 0.35 + 2), 4.0))
+    for i, r in enumerate(rows):
+        xs = [j - 0.4 + width * (i + 0.5) for j, t in enumerate(tasks) if t in results[r]]
+        got = [results[r][t] for t in tasks if t in results[r]]
+        ax.bar(xs, [g["metrics"]["acc"] for g in got], width, yerr=[g["stderr"].get("acc") or 0 for g in got],
+               color=COLORS.get(r, "#888"), label=label(r), capsize=2, error_kw={"lw": 0.8})
+    open_vocabulary, labelled = [], False
+    for j, t in enumerate(tasks):
+        chance = next((results[r][t]["chance"] for r in rows if t in results[r]), None)
+        if chance is None:
+            open_vocabulary.append(t)  # any word of the vocabulary: chance is ~0
+            continue
+        ax.hlines(chance, j - 0.45, j + 0.45, colors="k", linestyles=":", lw=1.2,
+                  label=None if labelled else "chance (uniform guess)")
+        labelled = True
+    n = sorted({results[r][t]["examples"] for r in rows for t in results[r]})
+    ax.set_xticks(range(len(tasks)), tasks, fontsize=9, rotation=15 if len(tasks) > 4 else 0)
+    ax.set_ylabel("accuracy (± standard error, lm-eval)")
+    ax.set_ylim(0, 1)
+    note = f"; chance ≈ 0 on {', '.join(open_vocabulary)} (open vocabulary)" if open_vocabulary else ""
+    ax.set_title(f"zero-shot accuracy, {'/'.join(map(str, n))} examples per task{note}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, path, dpi)
+
+
+def seed_spread(in_domain: dict[str, float], spread: dict[str, dict], dataset: str, path: Path, dpi: int = 150) -> None:
+    """In-domain PPL of every row in the current state (dots) and its range over the same state
+    under other seeds (bars, min to max): differences inside the ranges are not real.
+    spread: {row: {"min", "max", "n"}} (sweeps.seed_spread)."""
+    rows = [r for r in ROWS if r in in_domain]
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(rows) + 1.4))
+    for y, r in enumerate(rows):
+        s = spread.get(r)
+        if s and s["n"] > 1:
+            ax.hlines(y, s["min"], s["max"], color=COLORS.get(r, "#888"), lw=6, alpha=0.35)
+        ax.plot([in_domain[r]], [y], "o", color=COLORS.get(r, "#888"))
+        ax.annotate(f"{in_domain[r]:.1f}" + (f"  [{s['min']:.1f}–{s['max']:.1f}]" if s and s["n"] > 1 else ""),
+                    (in_domain[r], y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), [label(r) for r in rows], fontsize=9)
+    ax.set_xscale("log")
+    values = list(in_domain.values()) + [b for s in spread.values() for b in (s["min"], s["max"])]
+    lo, hi = min(values) / 1.3, max(values) * 1.3
+    ax.set_xlim(lo, hi)
+    plain_log_axis(ax.xaxis, lo, hi)
+    ax.set_ylim(len(rows) - 0.5, -0.7)
+    n = max((s["n"] for s in spread.values()), default=1)
+    ax.set_xlabel(f"{dataset} test perplexity (log scale)")
+    ax.set_title(f"spread over {n} seeds (prior.seed, learn.seed): min–max bars, this state's value as dots",
+                 fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
     _save(fig, path, dpi)

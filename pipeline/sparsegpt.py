@@ -12,11 +12,20 @@ which is sequential elimination of ``H^-1`` written with the rows of its Cholesk
 The updates are applied lazily: inside a group column by column; to a group, from the
 earlier columns of its ``blocksize`` block, when the sweep reaches it; to the columns
 after a block, once per block (one matmul).
+
+On CPU the sweep runs as a C++ op (``csrc/obs_sweep.cpp``, built on first use by
+``torch.utils.cpp_extension``): the same ATen calls as :func:`obs_sweep`, bit for bit, without
+Python (and its GIL) between them. Without a compiler, or with ``MASKLLM_KERNEL=torch``,
+:func:`obs_sweep` itself runs.
 """
 from __future__ import annotations
 
+import functools
+import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -36,9 +45,14 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def precise(t: torch.Tensor) -> torch.dtype:
+    """The dtype SparseGPT computes ``t`` in: float32 (the reference's; bfloat16 / float16 widen to it) or float64."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of the dampened ``H^-1``: H [in, in] -> (U float32 [in, in], dead bool [in])."""
-    H = hessian.float().clone()  # float32 as in the reference: the damping keeps H well conditioned
+    """Upper Cholesky factor of the dampened ``H^-1``: H [in, in] -> (U [in, in] float32 or float64 as H, dead bool [in])."""
+    H = hessian.to(precise(hessian)).clone()  # float32 as in the reference (damping keeps H well conditioned), or float64
     dead = H.diagonal() == 0  # inputs that are always zero: their weights are zeroed
     H.diagonal()[dead] = 1
     H.diagonal().add_(percdamp * H.diagonal().mean())
@@ -49,14 +63,14 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tup
 def obs_sweep(
     weight: torch.Tensor, U: torch.Tensor, n: int, m: int, blocksize: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The N:M column sweep: weight [out, in], U [in, in] -> (keep bool [out, in], new weight float32 [out, in]).
+    """The N:M column sweep: weight [out, in], U [in, in] -> (keep bool [out, in], new weight [out, in] in U's dtype).
 
     Works on ``W^T`` so that the columns it sweeps one by one are contiguous in memory.
     The sweep is a chain of small dependent ops (one group of M columns at a time), so it
     is written for few dispatches per group: views split once per block, the in-group
     OBS coefficients read as Python floats, and the group's mask set in place.
     """
-    WT = weight.detach().float().t().contiguous()  # [in, out]: row j of WT is column j of W
+    WT = weight.detach().to(precise(U)).t().contiguous()  # [in, out]: row j of WT is column j of W
     cols = WT.shape[0]
     keepT = torch.zeros_like(WT, dtype=torch.bool)
     d = U.diagonal()
@@ -85,8 +99,36 @@ def obs_sweep(
                 for k in range(j + 1, m):
                     w[k].add_(err[j], alpha=-u[g1 + j][g1 + k])
         WT[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
-    WT.mul_(keepT)  # pruned weights exactly zero, not zero up to rounding
+    WT.masked_fill_(~keepT, 0)  # pruned weights exactly +0.0 (not zero up to rounding, not -0.0)
     return keepT.t(), WT.t()  # views: the caller's copy into the layer does the transpose once
+
+
+CSRC = Path(__file__).resolve().parent / "csrc" / "obs_sweep.cpp"
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_sweep():
+    """:func:`obs_sweep` as a compiled CPU op (same signature), or None (with one warning) where it cannot be built."""
+    if os.environ.get("MASKLLM_KERNEL", "auto") == "torch":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name="maskllm_obs_sweep", sources=[str(CSRC)], verbose=False, is_python_module=False,
+             extra_cflags=["-O2"])
+        return torch.ops.maskllm_sparsegpt.obs_sweep
+    except Exception as e:  # no compiler, no ninja, unsupported platform
+        if os.environ.get("MASKLLM_KERNEL") == "cpp":
+            raise
+        warnings.warn(f"SparseGPT's C++ sweep could not be built ({type(e).__name__}: {e}); using the "
+                      "Python loop (the same results, slower)", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def sweep_for(device: torch.device):
+    """The sweep to run on ``device``: the compiled one on CPU where it builds, else :func:`obs_sweep`."""
+    compiled = compiled_sweep() if device.type == "cpu" else None
+    return compiled if compiled is not None else obs_sweep
 
 
 def sparsegpt_prune(
@@ -121,12 +163,17 @@ def sparsegpt_prune_layers(
         if weight.shape[1] % m:
             raise NMError(f"sparsegpt: input width {weight.shape[1]} is not divisible by m={m}")
     workers = max(1, min(len(layers), workers or torch.get_num_threads()))
+    if any(weight.device.type != "cpu" for weight, _ in layers):
+        # an accelerator runs one sweep at a time anyway, and CUDA's lazily loaded linalg
+        # libraries must not be initialised from two threads at once
+        workers = 1
+    sweeps = {layer[0].device: sweep_for(layer[0].device) for layer in layers}  # built here, not in a worker
 
     def prune(layer: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         weight, hessian = layer
         U, dead = inverse_hessian_factor(hessian, percdamp)
-        weight = weight.detach().float().masked_fill(dead[None, :], 0)
-        return obs_sweep(weight, U, n, m, blocksize)
+        weight = weight.detach().to(U.dtype).masked_fill(dead[None, :], 0)
+        return sweeps[weight.device](weight, U, n, m, blocksize)
 
     # one_thread is entered once, here: new threads take torch's global thread count (1)
     # when they first run a parallel op, and none of them changes it

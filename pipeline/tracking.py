@@ -3,11 +3,15 @@
 Layout: one experiment per ``model/dataset/N:M``. In it, one **parent run per pipeline
 state** (code revision + hash of params.yaml), tagged with the DVC experiment names that
 produced it; under a parent, one child run per (method, domain) with the metric ``ppl`` and
-the evaluation protocol as params, and the MaskLLM ``learn`` child with its per-step curves.
+the evaluation protocol as params (role ``result``), one per (method, lm-eval task) with the
+zero-shot metrics and their standard errors (role ``zeroshot``), and the MaskLLM ``learn``
+child with its per-step curves. Every run records what produced it as ``provenance.*`` params
+(library versions, device, dtype, threads): a child the provenance in its metrics file, a
+parent the one of the process that created it.
 
 Idempotence: DVC skips a cached stage, so results are not logged by the stage that computes
-them but synced by the plot stage (``always_changed``) from the metrics files of the current
-state: a child is looked up by (parent, method, domain) and created only if missing or if
+them but synced by the track stage (``always_changed``) from the metrics files of the current
+state: a child is looked up by (parent, role, identity) and created only if missing or if
 its ``input_hash`` (the hash of the result it logged) differs; a stale one is deleted, so a
 parent holds exactly one run per result. The learn stage logs live (curves while it trains)
 and resumes its own run after a kill; the sync replays the curve only when no learn child of
@@ -193,7 +197,7 @@ class Pipeline:
             run = c.create_run(exp_id, run_name=dvc_exp if dvc_exp != "workspace" else f"workspace-{h[:8]}", tags={
                 "role": "pipeline", "params_hash": h, "baseline_rev": rev, "dvc_exp_name": dvc_exp,
                 "dvc_exp_names": dvc_exp, **dvc_tags()})
-            _log_params(c, run.info.run_id, flat_params(params))
+            _log_params(c, run.info.run_id, flat_params(params) | parent_provenance(params))
             c.set_terminated(run.info.run_id, "FINISHED")
             return cls(c, exp_id, run.info.run_id, True)
 
@@ -205,6 +209,20 @@ class Pipeline:
     def new_child(self, role: str, run_name: str, tags: dict[str, str]):
         return self.client.create_run(self.experiment_id, run_name=run_name, tags={
             "mlflow.parentRunId": self.run_id, "role": role, **dvc_tags(), **tags})
+
+
+def _run_provenance(dtype: str) -> dict[str, str]:
+    """``provenance.*`` params of this process: libraries, the device the stages use, ``dtype``, threads."""
+    from pipeline.modeling import default_device
+    from pipeline.provenance import provenance
+
+    return {f"provenance.{k}": str(v) for k, v in provenance(default_device(), dtype).items()}
+
+
+def parent_provenance(params) -> dict[str, str]:
+    """A parent's provenance: the process that created it, at the evaluation dtype (each child
+    records the provenance of its own result)."""
+    return _run_provenance(params.evaluate.dtype)
 
 
 def _log_params(c, run_id: str, params: dict[str, str]) -> None:
@@ -253,6 +271,7 @@ def learn_run(params, dataset: str, key: str, extra_params: dict | None = None) 
     else:
         run_id = p.new_child("learn", "maskllm-learn", {"method": "maskllm", "learn_key": key}).info.run_id
         _log_params(c, run_id, {k: v for k, v in flat_params(params).items() if k.startswith(("learn.", "sparsity."))}
+                    | _run_provenance(getattr(params.learn, "dtype", "float32"))
                     | {k: str(v) for k, v in (extra_params or {}).items()})
     tracker = LearnTracker(c, run_id)
     try:
@@ -267,7 +286,25 @@ def learn_run(params, dataset: str, key: str, extra_params: dict | None = None) 
             c.delete_run(r.info.run_id)
 
 
-# ------------------------------------------------------------------ sync of results (plot stage)
+# ------------------------------------------------------------------ sync of results (track stage)
+
+@dataclass
+class Child:
+    """One result as an MLflow child run: ``identity`` tags locate it under its parent."""
+
+    role: str  # "result" (perplexity) | "zeroshot"
+    name: str
+    identity: dict[str, str]  # e.g. method + domain; method + task
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+    parent_metrics: dict[str, float]  # the same numbers as columns of the parent
+    input_hash: str  # what the result was computed from and what it says: a new one replaces the child
+
+
+def _provenance_params(metrics: dict) -> dict[str, str]:
+    return {f"provenance.{k}": str(v) for k, v in metrics.get("provenance", {}).items()}
+
 
 @dataclass
 class Result:
@@ -276,8 +313,62 @@ class Result:
     method: str
     domain: str
     in_domain: bool
-    metrics: dict  # ppl, nll, protocol
+    metrics: dict  # ppl, nll, protocol, provenance
     source: Path  # the metrics file (its hash identifies the result)
+
+    def children(self) -> list[Child]:
+        return [Child("result", f"{self.method} @ {self.domain}", {"method": self.method, "domain": self.domain},
+                      {"in_domain": str(self.in_domain).lower()},
+                      {**self.metrics.get("protocol", {}), **_provenance_params(self.metrics)},
+                      {"ppl": self.metrics["ppl"], "nll": self.metrics.get("nll", float("nan"))},
+                      {f"ppl.{self.method}.{self.domain}": self.metrics["ppl"]}, file_hash(self.source))]
+
+
+@dataclass
+class ZeroShotResult:
+    """One zero-shot metrics file (one row, one entry of evaluate.zeroshot_tasks): a child per lm-eval task."""
+
+    method: str
+    metrics: dict  # task, harness, limit, results {task: ...}, protocol, provenance
+    source: Path
+
+    def children(self) -> list[Child]:
+        m, out = self.metrics, []
+        protocol = {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v) for k, v in m["protocol"].items()}
+        for task, r in m["results"].items():
+            values = {**r["metrics"], **{f"{k}_stderr": v for k, v in r["stderr"].items() if v is not None}}
+            params = {**protocol, "harness": m["harness"], "limit": str(m["limit"]), "task_version": str(r["version"]),
+                      "examples": str(r["examples"]), "examples_available": str(r["examples_available"]),
+                      "output_type": r["output_type"], "chance": str(r["chance"]), **_provenance_params(m)}
+            # this task's part of the file: a rerun of another task in the same file keeps this child
+            h = hashlib.sha256(json.dumps([m["protocol"], m["harness"], m["limit"], r], sort_keys=True,
+                                          default=str).encode()).hexdigest()[:16]
+            out.append(Child("zeroshot", f"{self.method} @ {task}", {"method": self.method, "task": task},
+                             {"task_group": m["task"]}, params, values,
+                             {f"zeroshot.{self.method}.{task}.{k}": v for k, v in values.items()}, h))
+        return out
+
+
+@dataclass
+class StageResult:
+    """A stage's own metrics file (``metrics/prior/<method>.json``, ``learn.json``, ``harden.json``):
+    its coverage (block weights under N:M, the model's sparsity) and timings as a child run."""
+
+    stage: str  # prior@<method> | learn | harden
+    metrics: dict
+    source: Path
+
+    def children(self) -> list[Child]:
+        def numbers(d: dict, prefix: str = "") -> dict[str, float]:
+            return {f"{prefix}{k}": float(v) for k, v in d.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+
+        values = {**numbers(self.metrics), **numbers(self.metrics.get("coverage", {}), "coverage.")}
+        parent = {f"coverage.{self.stage.replace('@', '.')}.{k}": values[f"coverage.{k}"]
+                  for k in ("nm_fraction", "target_fraction", "model_sparsity", "uncovered")
+                  if f"coverage.{k}" in values}
+        return [Child("stage", self.stage, {"stage": self.stage}, {}, _provenance_params(self.metrics),
+                      values, parent, file_hash(self.source))]
 
 
 @dataclass
@@ -288,40 +379,50 @@ class SyncReport:
     kept: int = 0
 
 
-def sync(params, dataset: str, results: list[Result], curve_file: Path | None = None,
-         artifacts: list[Path] = ()) -> SyncReport:
-    """Make MLflow hold exactly the current state's results, whatever DVC ran or restored."""
+def sync(params, dataset: str, results: list, curve_file: Path | None = None,
+         artifacts: list[Path] = (), curve_provenance: dict | None = None) -> SyncReport:
+    """Make MLflow hold exactly the current state's results (``Result``, ``ZeroShotResult``),
+    whatever DVC ran or restored; ``curve_provenance``: the learn stage's, for a replayed curve."""
     p = Pipeline.open(params, dataset)
     c = p.client
     report = SyncReport(p.run_id)
+    children = [ch for r in results for ch in r.children()]
     with store_lock(tracking_uri()):
-        for r in results:
-            h = file_hash(r.source)
-            existing = p.children("result", method=r.method, domain=r.domain)
-            if any(e.data.tags.get("input_hash") == h for e in existing):
-                report.kept += 1
-                for e in existing:  # keep the one matching run, drop stale ones
-                    if e.data.tags.get("input_hash") != h:
-                        c.delete_run(e.info.run_id)
-                continue
-            for e in existing:
-                c.delete_run(e.info.run_id)
-            (report.replaced if existing else report.created).append(f"{r.method}@{r.domain}")
-            run = p.new_child("result", f"{r.method} @ {r.domain}", {
-                "method": r.method, "domain": r.domain, "in_domain": str(r.in_domain).lower(), "input_hash": h})
-            _log_params(c, run.info.run_id, r.metrics.get("protocol", {}))
-            _log_metrics(c, run.info.run_id, {"ppl": r.metrics["ppl"], "nll": r.metrics.get("nll", float("nan"))})
-            c.set_terminated(run.info.run_id, "FINISHED")
-            _log_metrics(p.client, p.run_id, {f"ppl.{r.method}.{r.domain}": r.metrics["ppl"]})
+        existing: dict[tuple, list] = {}  # one search per role, not one per result
+        for role in sorted({ch.role for ch in children}):
+            for run in p.children(role):
+                key = (role, *sorted((k, run.data.tags.get(k, "")) for k in ("method", "domain", "task", "stage")
+                                     if k in run.data.tags))
+                existing.setdefault(key, []).append(run)
+        for ch in children:
+            _sync_child(p, ch, existing.get((ch.role, *sorted(ch.identity.items())), []), report)
         if curve_file is not None and Path(curve_file).is_file():
-            _sync_curve(p, Path(curve_file), report)
+            _sync_curve(p, Path(curve_file), report, curve_provenance or {})
     for path in artifacts:
         if Path(path).is_file():
             c.log_artifact(p.run_id, str(path))
     return report
 
 
-def _sync_curve(p: Pipeline, curve_file: Path, report: SyncReport) -> None:
+def _sync_child(p: "Pipeline", ch: Child, existing: list, report: SyncReport) -> None:
+    """Keep the child that logged this very result, else (re)create it; a parent never holds two."""
+    c, label = p.client, "@".join(ch.identity.values())
+    keep = [e for e in existing if e.data.tags.get("input_hash") == ch.input_hash]
+    for e in existing:
+        if not keep or e.info.run_id != keep[0].info.run_id:
+            c.delete_run(e.info.run_id)
+    if keep:
+        report.kept += 1
+        return
+    (report.replaced if existing else report.created).append(label)
+    run = p.new_child(ch.role, ch.name, {**ch.identity, **ch.tags, "input_hash": ch.input_hash})
+    _log_params(c, run.info.run_id, ch.params)
+    _log_metrics(c, run.info.run_id, ch.metrics)
+    c.set_terminated(run.info.run_id, "FINISHED")
+    _log_metrics(c, p.run_id, ch.parent_metrics)
+
+
+def _sync_curve(p: Pipeline, curve_file: Path, report: SyncReport, provenance: dict) -> None:
     """Replay the learn curve into a learn child unless one of this state already has it."""
     import csv
 
@@ -334,6 +435,7 @@ def _sync_curve(p: Pipeline, curve_file: Path, report: SyncReport) -> None:
         if r.info.status == "FINISHED":
             p.client.delete_run(r.info.run_id)
     run = p.new_child("learn", "maskllm-learn", {"method": "maskllm", "curve_hash": h, "replayed": "true"})
+    _log_params(p.client, run.info.run_id, _provenance_params({"provenance": provenance}))
     with open(curve_file) as f:
         for row in csv.DictReader(f):
             step = int(float(row.pop("step")))
@@ -341,96 +443,3 @@ def _sync_curve(p: Pipeline, curve_file: Path, report: SyncReport) -> None:
     p.client.log_artifact(run.info.run_id, str(curve_file))
     p.client.set_terminated(run.info.run_id, "FINISHED")
     report.created.append("maskllm-learn (replayed)")
-
-
-# ------------------------------------------------------------------ ablations across pipeline states
-
-SWEEPS = ("learn.tau", "learn.kappa", "learn.prior_strength", "learn.prior", "learn.weight_reg", "learn.steps",
-          "learn.lr")
-# params that do not change any result (a sweep point may differ in them)
-IRRELEVANT = ("plot.", "harden.", "learn.checkpoint_every")
-
-
-def _value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _defaults() -> dict[str, str]:
-    """Flat default params: a parent logged before a param existed had its default value."""
-    from pipeline.config import Params
-
-    return flat_params(Params())
-
-
-def _matches(p: dict[str, str], current: dict[str, str], free: tuple[str, ...], defaults: dict[str, str]) -> bool:
-    return all(p.get(k, defaults.get(k)) == v for k, v in current.items() if k not in free)
-
-
-def _parents(c, experiment: str) -> list:
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return c.search_runs([exp.experiment_id], "tags.role = 'pipeline'", max_results=5000,
-                         order_by=["attributes.start_time ASC"])
-
-
-def prior_label(p: dict[str, str]) -> str:
-    """``learn.prior`` as a reader should see it: a prior file by its name."""
-    prior = p.get("learn.prior", "")
-    return f"file:{Path(p['learn.prior_file']).stem}" if prior == "file" and p.get("learn.prior_file") else prior
-
-
-def sweep_points(params, dataset: str, metric: str) -> dict[str, list[tuple[object, float]]]:
-    """For each swept param: (value, metric) of every pipeline state that differs from the
-    current one in that param alone (latest run per value)."""
-    c = client()
-    parents = _parents(c, experiment_name(model_label(params), dataset, params.sparsity.n, params.sparsity.m))
-    current = {k: v for k, v in flat_params(params).items() if not k.startswith(IRRELEVANT)}
-    defaults = _defaults()
-    out = {}
-    for swept in SWEEPS:
-        # the prior and its file are one choice
-        free = (swept, "learn.prior_file") if swept == "learn.prior" else (swept,)
-        points = {}
-        for run in parents:
-            p = run.data.params
-            if metric in run.data.metrics and swept in p and _matches(p, current, free, defaults):
-                points[prior_label(p) if swept == "learn.prior" else p[swept]] = run.data.metrics[metric]
-        if len(points) >= 2:
-            out[swept] = [(_value(k), v) for k, v in points.items()]
-    return out
-
-
-# a transfer run differs from the general one in its training domain and its prior only
-TRANSFER_FREE = ("data.source", "learn.prior", "learn.prior_file", "evaluate.domains")
-
-
-def transfer_states(params) -> dict[str, list[dict]]:
-    """Pipeline states of the same model, N:M and hyperparameters learned on another domain D
-    (a transfer sweep) -> {D: [{"prior": label, "ppl": {method: PPL on D}}]}; only domains
-    where at least one state used a mask file as its prior (``learn.prior=file``)."""
-    from pipeline.config import Data
-
-    c = client()
-    current = {k: v for k, v in flat_params(params).items() if not k.startswith(IRRELEVANT)}
-    defaults = _defaults()
-    out = {}
-    for domain in Data.model_fields["source"].annotation.__args__:
-        if domain == params.data.source:
-            continue
-        states = {}
-        for run in _parents(c, experiment_name(model_label(params), domain, params.sparsity.n, params.sparsity.m)):
-            p, metrics = run.data.params, run.data.metrics
-            if p.get("data.source") != domain or not _matches(p, current, TRANSFER_FREE, defaults):
-                continue
-            ppl = {k.split(".")[1]: v for k, v in metrics.items() if k.startswith("ppl.") and k.endswith(f".{domain}")}
-            if "maskllm" in ppl:
-                states[prior_label(p)] = {"prior": prior_label(p), "ppl": ppl}  # latest run per prior
-        if any(label.startswith("file:") for label in states):
-            out[domain] = list(states.values())
-    return out

@@ -1,7 +1,8 @@
 """DVC stage `evaluate@<row>-<domain>`: test perplexity of one method on one domain.
 
-Results go to ``metrics/<row>/<domain>.json`` with their protocol; the plot stage logs them
-to MLflow (idempotently: a cached evaluation is still logged for a new pipeline state).
+Results go to ``metrics/<row>/<domain>.json`` with their protocol and provenance (library
+versions, device, dtype, threads); the track stage logs them to MLflow (idempotently: a cached
+evaluation is still logged for a new pipeline state).
 """
 import json
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 from pipeline.data import load_tokens
 from pipeline.evaluate import perplexity
 from pipeline.io import write_json
-from pipeline.rows import build_row_model
+from pipeline.provenance import provenance
+from pipeline.row_model import build_row_model
 from pipeline.stage import run_stage
 
 DOMAINS = Path("artifacts/domains")
@@ -26,7 +28,9 @@ def main(params, row, domain):
                 "windows": result["windows"], "tokens": result["tokens"], "dtype": ev.dtype,
                 "model": params.model.source, "train_dataset": params.data.source,
                 "sparsity": "dense" if row == "dense" else f"{params.sparsity.n}:{params.sparsity.m}"}
-    write_json(Path("metrics") / row / f"{domain}.json", {"ppl": result["ppl"], "nll": result["nll"], "protocol": protocol})
+    device = str(next(model.parameters()).device)
+    write_json(Path("metrics") / row / f"{domain}.json", {"ppl": result["ppl"], "nll": result["nll"], "protocol": protocol,
+                                                          "provenance": provenance(device, ev.dtype)})
     return (f"{row} @ {domain}: PPL {result['ppl']:.3f} ({result['windows']} x {ev.seqlen} tokens, "
             f"{'in' if stats['in_domain'] else 'out of'} domain, {ev.dtype})")
 

@@ -43,10 +43,27 @@ def launch(cfg) -> str:
     return f"{cfg.nproc} processes ({cfg.parallel}) done"
 
 
+def die_with_parent() -> None:
+    """A rank that torchrun started: die with torchrun. Its workers run in sessions of their own,
+    so a job scheduler's kill, or a SIGKILL of `dvc repro`'s process group, would leave them running
+    the stage to its end behind the user's back (and behind the resumed run's)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # torchrun died before the prctl
+        os._exit(1)
+
+
 def main(params):
     cfg, sp = params.learn, params.sparsity
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch(cfg)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()
     d = Dist.from_env()
     device = d.device(default_device())
     model = load_model(DENSE, cfg.dtype, "cpu")  # to the device block by block (FSDP) or whole (else)

@@ -12,8 +12,11 @@ CODE = ("pipeline", "stages")
 # files other than Python modules that a module reads at run time (by module path)
 READS = {
     "pipeline/mask_kernel.py": ["pipeline/csrc/masked_weight.cpp"],  # compiled on first use
-    "pipeline/zeroshot.py": ["tasks"],  # the embedded lm-eval task YAMLs
+    "pipeline/sparsegpt.py": ["pipeline/csrc/obs_sweep.cpp"],  # compiled on first use
+    "pipeline/zeroshot.py": ["tasks"],  # the embedded lm-eval task YAMLs and their hooks
 }
+
+READ_PATHS = {path for paths in READS.values() for path in paths}
 
 
 def module_file(name: str) -> Path | None:
@@ -49,16 +52,20 @@ def imported_modules(path: Path) -> set[Path]:
 
 
 def closure(script: Path) -> set[str]:
-    """The script and every module it imports, transitively, plus the files they read (repo paths)."""
-    seen, todo = set(), [script]
+    """The script and every module it imports, transitively, plus the files they read (repo paths).
+    Python files inside what a module reads (the task hooks in tasks/) are followed too."""
+    seen, reads, todo = set(), set(), [script]
     while todo:
         path = todo.pop()
         if path in seen:
             continue
         seen.add(path)
+        for extra in READS.get(str(path.relative_to(ROOT)), []):
+            reads.add(extra)
+            todo.extend(sorted((ROOT / extra).rglob("*.py")) if (ROOT / extra).is_dir() else [])
         todo.extend(imported_modules(path) - seen)
-    files = {str(p.relative_to(ROOT)) for p in seen}
-    return files | {extra for f in list(files) for extra in READS.get(f, [])}
+    code = {str(p.relative_to(ROOT)) for p in seen}
+    return {f for f in code if f.split("/")[0] in CODE} | reads
 
 
 def dvc_stages() -> list[tuple[str, str, set[str]]]:
@@ -74,7 +81,7 @@ def dvc_stages() -> list[tuple[str, str, set[str]]]:
             assert match, f"stage {stage.addressing}: cmd {stage.cmd!r} is not `python -m stages.<name> ...`"
             deps = {str(Path(d.def_path)) for d in stage.deps}
             out.append((stage.addressing, str(module_file(match.group(1)).relative_to(ROOT)),
-                        {d for d in deps if d.split("/")[0] in CODE}))
+                        {d for d in deps if d.split("/")[0] in CODE or d in READ_PATHS}))
     return out
 
 

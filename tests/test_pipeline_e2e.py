@@ -15,7 +15,8 @@ from tests.conftest import BIN, repo_env, run, set_params
 
 DOMAINS = ("wiki", "shakespeare")  # the micro profile's evaluate.domains
 EXPERIMENT = "tiny/wiki/2:4"
-ALWAYS = ["plot", "prior_file"]  # always_changed stages: instant, they run on every repro
+ALWAYS = ["prior_file", "track"]  # always_changed stages: instant, they run on every repro
+ZEROSHOT = "lastword"  # the micro profile's evaluate.zeroshot_tasks (default)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,36 @@ def test_repro_writes_every_method_on_every_domain_with_its_protocol(micro_repo)
     assert "ppl" in dvc(repo, "metrics", "show", "--json").stdout
 
 
+# The micro pipeline's key numbers, pinned: it is deterministic (seeded data split, dense
+# training, calibration windows, Gumbel noise; one thread per process), so a change that moves
+# any of them shows here. Tolerance: 1 % relative on PPLs and CE, 0.01 on agreement. The
+# same code on another x86 CPU can round differently (BLAS kernels, float32); 1 % is far above
+# that drift and below the gaps between the methods that matter here (dense -> SparseGPT 1.5 %,
+# SparseGPT -> magnitude 5.5 %). Update these numbers, with the reason in the commit, when a
+# change moves them on purpose.
+PINNED_PPL = {
+    ("dense", "wiki"): 107.456, ("dense", "shakespeare"): 154.806,
+    ("magnitude", "wiki"): 115.155, ("magnitude", "shakespeare"): 163.935,
+    ("wanda", "wiki"): 111.986, ("wanda", "shakespeare"): 162.364,
+    ("sparsegpt", "wiki"): 109.112, ("sparsegpt", "shakespeare"): 156.240,
+    ("sparsegpt_maskonly", "wiki"): 113.820, ("sparsegpt_maskonly", "shakespeare"): 163.434,
+    ("sparsegpt_noupdate", "wiki"): 113.641, ("sparsegpt_noupdate", "shakespeare"): 162.519,
+    ("maskllm", "wiki"): 114.292, ("maskllm", "shakespeare"): 162.062,
+}
+PINNED_LEARN = {"final_ce": 4.7088, "prior_agreement": 0.9442}
+
+
+def test_micro_key_numbers_are_pinned(micro_repo):
+    repo, _ = micro_repo
+    got = {(row, domain): json.loads((repo / "metrics" / row / f"{domain}.json").read_text())["ppl"]
+           for row, domain in PINNED_PPL}
+    moved = {k: (round(v, 3), PINNED_PPL[k]) for k, v in got.items() if abs(v / PINNED_PPL[k] - 1) > 0.01}
+    assert not moved, f"micro PPLs moved by more than 1 % (got, pinned): {moved}"
+    learn = json.loads((repo / "metrics" / "learn.json").read_text())
+    assert learn["final_ce"] == pytest.approx(PINNED_LEARN["final_ce"], rel=0.01)
+    assert learn["prior_agreement"] == pytest.approx(PINNED_LEARN["prior_agreement"], abs=0.01)
+
+
 def test_plots_exist_and_dvc_shows_them(micro_repo):
     repo, _ = micro_repo
     for name in ("ppl.png", "domains.png", "learn_curves.png", "agreement.png"):
@@ -100,13 +131,15 @@ def test_a_new_domain_evaluates_only_its_own_column(micro_copy, tmp_path):
     for i in range(60):
         (docs / "library").mkdir(parents=True, exist_ok=True)
         (docs / "library" / f"mod{i}.rst.txt").write_text(
-            f":mod:`mod{i}` --- Module {i}\n{'=' * 20}\n\n.. function:: f{i}(x)\n\n   Return *x* plus {i}.\n" * 8)
+            f":mod:`mod{i}` --- Module {i}\n{'=' * 20}\n\n.. function:: f{i}(x)\n\n   Return *x* plus {i}, "
+            "the offset that the caller of this function gave when it first imported the module.\n" * 8)
     set_params(micro_copy, {"data.pydocs_path": str(docs), "evaluate.domains": [*DOMAINS, "pydocs"]})
     res = dvc(micro_copy, "repro")
     ran = stages_run(res.stdout)
     # the data params changed, so data and domains rerun, but their outputs did not change
-    assert ran == sorted(["data", *ALWAYS, *(f"domain@{d}" for d in (*DOMAINS, "pydocs")),
-                          *(f"evaluate@{r}-pydocs" for r in ROWS)]), res.stdout
+    # lastword covers every domain: each row's zero-shot stage reruns, and plot redraws the new results
+    assert ran == sorted(["data", *ALWAYS, "plot", *(f"domain@{d}" for d in (*DOMAINS, "pydocs")),
+                          *(f"evaluate@{r}-pydocs" for r in ROWS), *(f"zeroshot@{r}-{ZEROSHOT}" for r in ROWS)]), res.stdout
     m = json.loads((micro_copy / "metrics" / "maskllm" / "pydocs.json").read_text())
     assert m["protocol"]["in_domain"] is False and math.isfinite(m["ppl"])
     parents = mlflow_runs(micro_copy, "pipeline")
@@ -121,7 +154,7 @@ def test_learn_ablation_reruns_only_the_maskllm_branch_and_logs_a_new_state(micr
     run(["git", "add", "-A"], micro_copy)
     run(["git", "commit", "-qm", "reproduced"], micro_copy)
     res = dvc(micro_copy, "exp", "run", "-S", "learn.tau=2")
-    assert stages_run(res.stdout) == sorted(["learn", "harden", "row@maskllm", *ALWAYS,
+    assert stages_run(res.stdout) == sorted(["learn", "harden", "row@maskllm", *ALWAYS, "plot", f"zeroshot@maskllm-{ZEROSHOT}",
                                              *(f"evaluate@maskllm-{d}" for d in DOMAINS)]), res.stdout
     parents = mlflow_runs(micro_copy, "pipeline")
     assert len(parents) == 2
@@ -148,7 +181,7 @@ def test_a_learned_mask_as_prior_reruns_only_the_maskllm_branch(micro_copy):
     dvc(micro_copy, "add", "masks/general.safetensors")
     res = dvc(micro_copy, "exp", "run", "-n", "from-file", "-S", "learn.prior=file",
               "-S", "learn.prior_file=masks/general.safetensors")
-    assert stages_run(res.stdout) == sorted(["learn", "harden", "row@maskllm", *ALWAYS,
+    assert stages_run(res.stdout) == sorted(["learn", "harden", "row@maskllm", *ALWAYS, "plot", f"zeroshot@maskllm-{ZEROSHOT}",
                                              *(f"evaluate@maskllm-{d}" for d in DOMAINS)]), res.stdout
     assert "masks/general.safetensors: sha256" in res.stdout and "maskllm mask learned on wiki" in res.stdout
     with open(micro_copy / "plots" / "learn_curve.csv") as f:

@@ -6,7 +6,14 @@ from pipeline.calibration import InputStats
 from pipeline.magnitude import magnitude_mask
 from pipeline.nm import NMError, is_nm
 from pipeline.oneshot import relative_error
-from pipeline.sparsegpt import inverse_hessian_factor, one_thread, sparsegpt_prune, sparsegpt_prune_layers
+from pipeline.sparsegpt import (
+    compiled_sweep,
+    inverse_hessian_factor,
+    obs_sweep,
+    one_thread,
+    sparsegpt_prune,
+    sparsegpt_prune_layers,
+)
 from pipeline.wanda import wanda_mask
 
 
@@ -73,20 +80,68 @@ def test_matches_textbook_obs(n, m):
     assert (new[~mask] == 0).all() and (new[:, 5] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("out, width, n, m, blocksize", [
+    (24, 64, 2, 4, 16), (24, 64, 1, 4, 128), (16, 64, 4, 8, 24), (7, 48, 2, 4, 12), (40, 96, 2, 8, 32)])
+def test_compiled_sweep_is_the_python_loop_bit_for_bit(out, width, n, m, blocksize, dtype):
+    sweep = compiled_sweep()
+    assert sweep is not None, "the C++ sweep did not build (see the warning above)"
+    gen = torch.Generator().manual_seed(width + out)
+    X = correlated_inputs(4 * width, width, seed=out).to(dtype)
+    X[:, 3] = 0
+    U, dead = inverse_hessian_factor(hessian_of(X), 0.01)
+    assert U.dtype == dtype  # a float64 calibration stays float64 (prior.dtype)
+    W = ((torch.randint(0, 16, (out, width), generator=gen) - 8) * 0.125).masked_fill(dead[None, :], 0)  # ties
+    want_mask, want = obs_sweep(W, U, n, m, blocksize)
+    mask, new = sweep(W, U, n, m, blocksize)
+    assert new.dtype == want.dtype == dtype
+    assert torch.equal(mask, want_mask) and torch.equal(new, want)
+    assert mask.shape == new.shape == W.shape and is_nm(mask, n, m)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
+def test_python_sweep_matches_textbook_obs(n, m):
+    """The fallback where the C++ sweep cannot be built (sparsegpt_prune runs the compiled one here)."""
+    X = correlated_inputs(256, 32, seed=1)
+    W = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+    H = hessian_of(X)
+    U, _ = inverse_hessian_factor(H, 0.01)
+    mask, new = obs_sweep(W, U, n, m, blocksize=8)
+    want_mask, want = textbook_sparsegpt(W, H, n, m)
+    assert torch.equal(mask, want_mask)
+    torch.testing.assert_close(new.double(), want, rtol=0, atol=1e-5)
+
+
 def test_hessian_is_running_mean_of_2xxt():
     X = correlated_inputs(64, 8, seed=2)
     torch.testing.assert_close(hessian_of(X, batches=4), 2 * X.t() @ X / 4, rtol=1e-5, atol=1e-4)
+    H = hessian_of(X.double(), batches=4)  # float64 inputs: accumulated in float64, not rounded to float32
+    assert H.dtype == torch.float64
+    torch.testing.assert_close(H, 2 * X.double().t() @ X.double() / 4, rtol=1e-13, atol=1e-12)
+    assert hessian_of(X.bfloat16()).dtype == torch.float32
 
 
-def test_inverse_hessian_factor_is_upper_cholesky_of_inverse():
-    H = hessian_of(correlated_inputs(128, 16, seed=3)).double()
+def test_float64_sparsegpt_matches_textbook_obs_closely():
+    """prior.dtype=float64: the same method, with weights 1e-12 from the float64 textbook (float32: 1e-5)."""
+    X = correlated_inputs(256, 32, seed=1).double()
+    W = torch.randn(16, 32, generator=torch.Generator().manual_seed(0)).double()
+    H = hessian_of(X)
+    mask, new = sparsegpt_prune(W, H, 2, 4, blocksize=8)
+    want_mask, want = textbook_sparsegpt(W, H, 2, 4)
+    assert new.dtype == torch.float64 and torch.equal(mask, want_mask)
+    torch.testing.assert_close(new, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_inverse_hessian_factor_is_upper_cholesky_of_inverse(dtype, tol):
+    H = hessian_of(correlated_inputs(128, 16, seed=3)).to(dtype)
     U, dead = inverse_hessian_factor(H, percdamp=0.01)
-    damped = H + 0.01 * H.diagonal().mean() * torch.eye(16, dtype=H.dtype)
-    assert torch.equal(U, U.triu()) and not dead.any()
-    torch.testing.assert_close(U.double().t() @ U.double(), torch.linalg.inv(damped), rtol=1e-4, atol=1e-6)
+    damped = H.double() + 0.01 * H.double().diagonal().mean() * torch.eye(16, dtype=torch.float64)
+    assert U.dtype == dtype and torch.equal(U, U.triu()) and not dead.any()
+    torch.testing.assert_close(U.double().t() @ U.double(), torch.linalg.inv(damped), rtol=100 * tol, atol=tol)
     # the three-step form of the SparseGPT reference gives the same factor
     reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
-    torch.testing.assert_close(U, reference.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(U.double(), reference, rtol=tol, atol=tol)
 
 
 def test_layers_pruned_concurrently_match_one_by_one():

@@ -113,3 +113,75 @@ def test_unreachable_server_fails_fast_with_the_fix(monkeypatch):
     with pytest.raises(tracking.TrackingError, match="unreachable.*MLFLOW_TRACKING_URI"):
         tracking.sync(params(), "wiki", [])
     assert time.monotonic() - t0 < 30  # MLflow alone would retry for minutes
+
+
+def zeroshot_file(tmp_path, method, accs: dict, name="lastword"):
+    f = tmp_path / f"{method}-{name}.json"
+    f.write_text(json.dumps({
+        "task": name, "harness": "lm-eval 0.4.13", "limit": 40,
+        "results": {t: {"version": 1.0, "output_type": "loglikelihood", "examples": 40, "examples_available": 500,
+                        "metrics": {"acc": a, "perplexity": 30.0}, "stderr": {"acc": 0.07, "perplexity": 9.0},
+                        "chance": None} for t, a in accs.items()},
+        "protocol": {"row": method, "seqlen": 64, "local_data": {}},
+        "provenance": {"version.lm_eval": "0.4.13", "device": "cpu", "threads": 2}}))
+    return tracking.ZeroShotResult(method, json.loads(f.read_text()), f)
+
+
+def test_zeroshot_results_get_a_child_per_task_and_only_a_changed_task_is_replaced(store):
+    p = params()
+    res = [zeroshot_file(store, "maskllm", {"lastword_wiki": 0.4, "lastword_pydocs": 0.3}),
+           result(store, "maskllm", "wiki", 40.0)]
+    first = tracking.sync(p, "wiki", res)
+    assert sorted(first.created) == ["maskllm@lastword_pydocs", "maskllm@lastword_wiki", "maskllm@wiki"]
+    assert tracking.sync(p, "wiki", res).kept == 3
+    zs = runs("zeroshot")
+    assert sorted(zip(zs["tags.task"], zs["metrics.acc"], zs["metrics.acc_stderr"])) == [
+        ("lastword_pydocs", 0.3, 0.07), ("lastword_wiki", 0.4, 0.07)]
+    assert set(zs["params.harness"]) == {"lm-eval 0.4.13"} and set(zs["params.examples"]) == {"40"}
+    assert set(zs["params.provenance.version.lm_eval"]) == {"0.4.13"} and set(zs["tags.task_group"]) == {"lastword"}
+    res[0] = zeroshot_file(store, "maskllm", {"lastword_wiki": 0.4, "lastword_pydocs": 0.35})  # one task rerun
+    again = tracking.sync(p, "wiki", res)
+    assert again.replaced == ["maskllm@lastword_pydocs"] and again.created == [] and again.kept == 2
+    parent = runs("pipeline").iloc[0]
+    assert parent["metrics.zeroshot.maskllm.lastword_pydocs.acc"] == 0.35
+    assert parent["metrics.zeroshot.maskllm.lastword_wiki.acc_stderr"] == 0.07
+    assert len(runs("zeroshot")) == 2
+
+
+def test_every_run_records_its_provenance(store, tmp_path):
+    f = tmp_path / "dense-wiki.json"
+    f.write_text(json.dumps({"ppl": 14.0, "nll": 2.6, "protocol": {"seqlen": 512},
+                             "provenance": {"version.torch": "9.9", "device": "cuda:0", "threads": 8}}))
+    curve = tmp_path / "learn_curve.csv"
+    curve.write_text("step,ce\n1,5.0\n")
+    tracking.sync(params(), "wiki", [tracking.Result("dense", "wiki", True, json.loads(f.read_text()), f)],
+                  curve_file=curve, curve_provenance={"version.torch": "8.8", "device": "cpu"})
+    child = runs("result").iloc[0]  # the provenance of the result, not of the syncing process
+    assert (child["params.provenance.version.torch"], child["params.provenance.device"]) == ("9.9", "cuda:0")
+    assert runs("learn").iloc[0]["params.provenance.version.torch"] == "8.8"
+    import torch
+    from importlib.metadata import version
+
+    parent = runs("pipeline").iloc[0]
+    assert parent["params.provenance.version.torch"] == torch.__version__
+    assert parent["params.provenance.version.mlflow"] == version("mlflow")
+    assert parent["params.provenance.dtype"] == "float32" and int(parent["params.provenance.threads"]) >= 1
+
+
+def test_each_stage_coverage_reaches_mlflow_as_a_child_and_parent_columns(store, tmp_path):
+    f = tmp_path / "sparsegpt.json"
+    f.write_text(json.dumps({
+        "seconds": 12.5, "magnitude_fallbacks": 0,
+        "coverage": {"nm_fraction": 1.0, "target_fraction": 1.0, "model_sparsity": 0.3822, "ignored": 0,
+                     "gates": 0, "uncovered": 0, "covered": 210},
+        "provenance": {"version.torch": "9.9", "device": "cpu", "threads": 2}}))
+    res = [tracking.StageResult("prior@sparsegpt", json.loads(f.read_text()), f)]
+    assert tracking.sync(params(), "wiki", res).created == ["prior@sparsegpt"]
+    assert tracking.sync(params(), "wiki", res).kept == 1  # unchanged file: the child stays
+    child = runs("stage").iloc[0]
+    assert (child["tags.stage"], child["metrics.coverage.model_sparsity"], child["metrics.seconds"]) == (
+        "prior@sparsegpt", 0.3822, 12.5)
+    assert child["params.provenance.device"] == "cpu"
+    parent = runs("pipeline").iloc[0]
+    assert parent["metrics.coverage.prior.sparsegpt.nm_fraction"] == 1.0
+    assert parent["metrics.coverage.prior.sparsegpt.uncovered"] == 0.0

@@ -17,11 +17,13 @@
 
 namespace {
 
-// weight [out, in] float32, U [in, in] (upper Cholesky factor of H^-1) -> (keep bool [out, in],
-// new weight float32 [out, in]), both transposed views of [in, out] tensors, as obs_sweep returns.
+// weight [out, in], U [in, in] (upper Cholesky factor of H^-1, float32 or float64) -> (keep bool
+// [out, in], new weight [out, in] in U's dtype), both transposed views of [in, out] tensors, as
+// obs_sweep returns.
 std::tuple<at::Tensor, at::Tensor> obs_sweep(const at::Tensor& weight, const at::Tensor& U, int64_t n, int64_t m,
                                              int64_t blocksize) {
-  at::Tensor WT = weight.detach().to(at::kFloat).t().contiguous();  // row j of WT is column j of W
+  const at::ScalarType dtype = U.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;  // Python: precise(U)
+  at::Tensor WT = weight.detach().to(dtype).t().contiguous();  // row j of WT is column j of W
   const int64_t cols = WT.size(0);
   at::Tensor keepT = at::zeros_like(WT, WT.options().dtype(at::kBool));
   at::Tensor d = U.diagonal();
@@ -31,8 +33,9 @@ std::tuple<at::Tensor, at::Tensor> obs_sweep(const at::Tensor& weight, const at:
     const int64_t i2 = std::min(i1 + blocksize, cols), width = i2 - i1;
     at::Tensor W1 = WT.slice(0, i1, i2), U1 = U.slice(0, i1, i2).slice(1, i1, i2);
     at::Tensor Err1 = at::zeros_like(W1);
-    at::Tensor U1c = U1.to(at::kFloat).contiguous();  // the in-group coefficients (Python: U1.tolist())
-    const float* u = U1c.const_data_ptr<float>();
+    // the in-group coefficients as Python's U1.tolist() gives them: doubles (exact for float32 U)
+    at::Tensor U1c = U1.to(at::kDouble).contiguous();
+    const double* u = U1c.const_data_ptr<double>();
     at::Tensor U1T = U1.t();
     std::vector<at::Tensor> rows = W1.unbind(0), errs = Err1.unbind(0);
     for (int64_t g1 = 0; g1 < width; g1 += m) {
@@ -48,13 +51,13 @@ std::tuple<at::Tensor, at::Tensor> obs_sweep(const at::Tensor& weight, const at:
       for (int64_t j = 0; j < g2 - g1; ++j) {
         at::mul_out(errs[g1 + j], rows[g1 + j], prune_over_d[j]);
         for (int64_t k = j + 1; k < g2 - g1; ++k) {
-          rows[g1 + k].add_(errs[g1 + j], -static_cast<double>(u[(g1 + j) * width + g1 + k]));
+          rows[g1 + k].add_(errs[g1 + j], -u[(g1 + j) * width + g1 + k]);
         }
       }
     }
     WT.slice(0, i2).addmm_(U.slice(0, i1, i2).slice(1, i2).t(), Err1, 1, -1);
   }
-  WT.mul_(keepT);
+  WT.masked_fill_(keepT.logical_not(), 0);  // +0.0, as obs_sweep
   return {keepT.t(), WT.t()};
 }
 

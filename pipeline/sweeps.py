@@ -1,0 +1,170 @@
+"""Ablations across pipeline states in MLflow: sweeps, transfers and the spread over seeds.
+
+Every pipeline state is a parent run (pipeline/tracking.py) with every param and its results as
+metrics (``ppl.<row>.<domain>``, ``zeroshot.<row>.<task>.<metric>``). A state belongs to
+- the sweep of param P when it differs from the current state in P alone;
+- the transfer to domain D when it was learned on D (``data.source``), from a one-shot prior
+  or from a mask file, and matches the current state otherwise;
+- the seeds of the current state when it differs from it in the seeds (``SEEDS``) alone: the
+  spread of a result over those states says which differences between methods are real.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from pipeline.tracking import client, experiment_name, flat_params, model_label
+
+SWEEPS = ("learn.tau", "learn.kappa", "learn.prior_strength", "learn.prior", "learn.weight_reg", "learn.steps",
+          "learn.lr")
+# params that do not change any result (a sweep point may differ in them)
+IRRELEVANT = ("plot.", "harden.", "learn.checkpoint_every")
+# the seeds of a run: calibration windows of the one-shot priors, MaskLLM's sampling and batches
+SEEDS = ("prior.seed", "learn.seed")
+# a transfer run differs from the general one in its training domain and its prior only
+TRANSFER_FREE = ("data.source", "learn.prior", "learn.prior_file", "evaluate.domains")
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _defaults() -> dict[str, str]:
+    """Flat default params: a parent logged before a param existed had its default value."""
+    from pipeline.config import Params
+
+    return flat_params(Params())
+
+
+def _matches(p: dict[str, str], current: dict[str, str], free: tuple[str, ...], defaults: dict[str, str]) -> bool:
+    return all(p.get(k, defaults.get(k)) == v for k, v in current.items() if k not in free)
+
+
+def _relevant(params) -> dict[str, str]:
+    return {k: v for k, v in flat_params(params).items() if not k.startswith(IRRELEVANT)}
+
+
+def _parents(c, experiment: str) -> list:
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], "tags.role = 'pipeline'", max_results=5000,
+                         order_by=["attributes.start_time ASC"])
+
+
+def states(params, dataset: str) -> list:
+    """Every pipeline state (parent run) of the current model, dataset and N:M, oldest first."""
+    return _parents(client(), experiment_name(model_label(params), dataset, params.sparsity.n, params.sparsity.m))
+
+
+def current_value(params, param: str):
+    """The current state's value of a swept param, as sweep_points reports it."""
+    p = flat_params(params)
+    return prior_label(p) if param == "learn.prior" else _value(p[param])
+
+
+def prior_label(p: dict[str, str]) -> str:
+    """``learn.prior`` as a reader should see it: a prior file by its name."""
+    prior = p.get("learn.prior", "")
+    return f"file:{Path(p['learn.prior_file']).stem}" if prior == "file" and p.get("learn.prior_file") else prior
+
+
+def sweep_points(params, dataset: str, metric: str, parents: list | None = None) -> dict[str, list[tuple[object, float]]]:
+    """For each swept param: (value, metric) of every pipeline state that differs from the
+    current one in that param alone (latest run per value)."""
+    parents = states(params, dataset) if parents is None else parents
+    current, defaults = _relevant(params), _defaults()
+    out = {}
+    for swept in SWEEPS:
+        # the prior and its file are one choice
+        free = (swept, "learn.prior_file") if swept == "learn.prior" else (swept,)
+        points = {}
+        for run in parents:
+            p = run.data.params
+            if metric in run.data.metrics and swept in p and _matches(p, current, free, defaults):
+                points[prior_label(p) if swept == "learn.prior" else p[swept]] = run.data.metrics[metric]
+        if len(points) >= 2:
+            out[swept] = [(_value(k), v) for k, v in points.items()]
+    return out
+
+
+def transfer_states(params) -> dict[str, list[dict]]:
+    """Pipeline states of the same model, N:M and hyperparameters learned on another domain D
+    (a transfer sweep) -> {D: [{"prior": label, "ppl": {method: PPL on D}}]}; only domains
+    where at least one state used a mask file as its prior (``learn.prior=file``)."""
+    from pipeline.config import Data
+
+    c = client()
+    current, defaults = _relevant(params), _defaults()
+    out = {}
+    for domain in Data.model_fields["source"].annotation.__args__:
+        if domain == params.data.source:
+            continue
+        states = {}
+        for run in _parents(c, experiment_name(model_label(params), domain, params.sparsity.n, params.sparsity.m)):
+            p, metrics = run.data.params, run.data.metrics
+            if p.get("data.source") != domain or not _matches(p, current, TRANSFER_FREE, defaults):
+                continue
+            ppl = {k.split(".")[1]: v for k, v in metrics.items() if k.startswith("ppl.") and k.endswith(f".{domain}")}
+            if "maskllm" in ppl:
+                states[prior_label(p)] = {"prior": prior_label(p), "ppl": ppl}  # latest run per prior
+        if any(label.startswith("file:") for label in states):
+            out[domain] = list(states.values())
+    return out
+
+
+def transfer_bars(domain: str, learned: list[dict], table: dict, source: str):
+    """The bars of a transfer figure: this state's general masks on ``domain``, then the masks
+    ``learned`` on it (transfer_states: SparseGPT calibrated there, MaskLLM from each prior)
+    -> ([(label, PPL, row)], dense PPL)."""
+    from pipeline.rows import label
+
+    bars = []
+    for row in ("sparsegpt", "maskllm"):
+        if domain in table.get(row, {}):
+            bars.append((f"{label(row)}, {source} mask (no transfer)", table[row][domain], row))
+    one_shot = next((s["ppl"]["sparsegpt"] for s in learned if "sparsegpt" in s["ppl"]), None)
+    if one_shot is not None:
+        bars.append((f"SparseGPT calibrated on {domain}", one_shot, "sparsegpt"))
+    for s in sorted(learned, key=lambda s: (s["prior"].startswith("file:"), s["prior"])):
+        prior = f"{source} MaskLLM mask ({s['prior'][5:]})" if s["prior"].startswith("file:") else s["prior"]
+        bars.append((f"MaskLLM on {domain}, prior: {prior}", s["ppl"]["maskllm"], "maskllm"))
+    dense = next((s["ppl"]["dense"] for s in learned if "dense" in s["ppl"]), table.get("dense", {}).get(domain))
+    return bars, dense
+
+
+def spread(values: list[float]) -> dict:
+    """mean, min, max, sample standard deviation (0 for one value) and n of ``values``."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "min": min(values), "max": max(values), "std": std, "n": n}
+
+
+def seed_states(params, dataset: str, parents: list | None = None) -> list:
+    """The parents that differ from the current state in the seeds alone, the latest per seed
+    pair (the current state's own parent among them once it is logged)."""
+    parents = states(params, dataset) if parents is None else parents
+    current, defaults = _relevant(params), _defaults()
+    latest = {}
+    for run in parents:  # oldest first: a later run of the same seeds replaces an earlier one
+        p = run.data.params
+        if _matches(p, current, SEEDS, defaults):
+            latest[tuple(p.get(k, defaults.get(k)) for k in SEEDS)] = run
+    return list(latest.values())
+
+
+def seed_spread(params, dataset: str, parents: list | None = None) -> dict[str, dict]:
+    """Every metric of the current state's seed states -> its spread over them,
+    e.g. ``{"ppl.maskllm.wiki": {"mean", "min", "max", "std", "n"}}`` (n = seeds with that metric)."""
+    values: dict[str, list[float]] = {}
+    for run in seed_states(params, dataset, parents):
+        for k, v in run.data.metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                values.setdefault(k, []).append(float(v))
+    return {k: spread(v) for k, v in values.items()}

@@ -1,0 +1,85 @@
+"""DVC stage `track` (always runs, seconds): MLflow catches up with every result of the current
+state, and the sweep / transfer / seed figures are drawn from the pipeline states it holds.
+
+DVC cannot know what MLflow holds: a cached evaluation logs nothing, and a new pipeline state
+(another param) reuses cached results that its parent run still lacks (pipeline/tracking.py).
+"""
+import json
+from pathlib import Path
+
+from pipeline import plots, sweeps
+from pipeline.io import atomic_dir
+from pipeline.results import best_one_shot
+from pipeline.rows import ROWS
+from pipeline.stage import run_stage
+from pipeline.tracking import Result, StageResult, ZeroShotResult, sync
+
+METRICS, PLOTS = Path("metrics"), Path("plots")
+CURVE, HARDEN_STATS, LEARN = PLOTS / "learn_curve.csv", Path("artifacts/harden/stats.json"), METRICS / "learn.json"
+
+
+def read_results(params) -> list:
+    """Every metrics file of the current state: perplexities, zero-shot results, the stages' coverage."""
+    out = []
+    for row in ROWS:
+        for domain in params.evaluate.domains:
+            f = METRICS / row / f"{domain}.json"
+            if f.is_file():
+                out.append(Result(row, domain, domain == params.data.source, json.loads(f.read_text()), f))
+        for task in params.evaluate.zeroshot_tasks:
+            f = METRICS / row / "zeroshot" / f"{task}.json"
+            if f.is_file():
+                out.append(ZeroShotResult(row, json.loads(f.read_text()), f))
+    # the stages' own figures: coverage of every method, timings
+    stage_files = {f"prior@{m}": METRICS / "prior" / f"{m}.json" for m in params.prior.methods}
+    stage_files |= {"learn": LEARN, "harden": METRICS / "harden.json"}
+    out += [StageResult(stage, json.loads(f.read_text()), f) for stage, f in stage_files.items() if f.is_file()]
+    return out
+
+
+def main(params):
+    dpi, dataset = params.plot.dpi, params.data.source
+    results = read_results(params)
+    if not results:
+        raise FileNotFoundError(f"no results under {METRICS}/<row>/; run `dvc repro` first")
+    learn = json.loads(LEARN.read_text()) if LEARN.is_file() else {}
+    report = sync(params, dataset, results, curve_file=CURVE, curve_provenance=learn.get("provenance"))
+
+    table = {}
+    for r in results:
+        if isinstance(r, Result):
+            table.setdefault(r.method, {})[r.domain] = r.metrics["ppl"]
+    in_domain = {row: t[dataset] for row, t in table.items() if dataset in t}
+    states = sweeps.states(params, dataset)
+    spread = sweeps.seed_spread(params, dataset, states)
+    row_spread = {row: spread[f"ppl.{row}.{dataset}"] for row in in_domain if f"ppl.{row}.{dataset}" in spread}
+    seeds = max((s["n"] for s in row_spread.values()), default=1)
+    # ablations: MaskLLM's in-domain PPL across pipeline states that differ in one param
+    points = sweeps.sweep_points(params, dataset, f"ppl.maskllm.{dataset}", states)
+    best = best_one_shot(in_domain)
+    refs = {r: in_domain[r] for r in dict.fromkeys(("dense", best, "sparsegpt", "sparsegpt_maskonly")) if r in in_domain}
+    transfers = {d: sweeps.transfer_bars(d, learned, table, dataset) for d, learned in sweeps.transfer_states(params).items()}
+    with atomic_dir(PLOTS / "sweeps") as tmp:
+        for param, pts in points.items():
+            plots.sweep(param, pts, refs, tmp / f"{param.replace('.', '_')}.png", dpi,
+                        current=sweeps.current_value(params, param), spread=row_spread)
+        for domain, (bars, dense) in transfers.items():
+            plots.transfer(domain, bars, dense, tmp / f"transfer_{domain}.png", dpi)
+        if seeds > 1:
+            plots.seed_spread(in_domain, row_spread, dataset, tmp / "seeds.png", dpi)
+        (tmp / "index.md").write_text(
+            "# Ablation figures\n\n" + "".join(f"- `{p}`: {len(v)} values -> {p.replace('.', '_')}.png\n"
+                                                for p, v in points.items())
+            + "".join(f"- transfer to {d}: {len(b)} masks -> transfer_{d}.png\n" for d, (b, _) in transfers.items())
+            + (f"- seeds: {seeds} states of these params (prior.seed, learn.seed) -> seeds.png\n" if seeds > 1 else "")
+            + ("" if points or transfers or seeds > 1 else
+               "None yet: queue a sweep (`make sweep-tau`, see the README) or other seeds.\n"))
+    figures = sorted(PLOTS.glob("*.png")) + sorted((PLOTS / "sweeps").glob("*.png"))
+    sync(params, dataset, [], artifacts=[*figures, HARDEN_STATS, PLOTS / "ppl.csv", CURVE])
+    n = len(points) + len(transfers) + (seeds > 1)
+    return (f"MLflow parent {report.parent[:8]}: {len(report.created)} run(s) logged, {len(report.replaced)} replaced, "
+            f"{report.kept} already there; {n} sweep figure(s); {seeds} seed(s) of this state")
+
+
+if __name__ == "__main__":
+    run_stage("track", main)

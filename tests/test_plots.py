@@ -1,0 +1,115 @@
+"""Figures (pipeline/plots.py), checked on the drawn matplotlib objects, not on pixels."""
+from itertools import combinations
+
+import matplotlib.pyplot as plt
+import pytest
+
+from pipeline import plots
+
+# the README's transfer figure: these labels overlapped ("3x10^2" over "4x10^2")
+TRANSFER = [("SparseGPT, wiki mask (no transfer)", 205.40, "sparsegpt"), ("MaskLLM, wiki mask (no transfer)", 231.61, "maskllm"),
+            ("SparseGPT calibrated on shakespeare", 96.05, "sparsegpt"),
+            ("MaskLLM on shakespeare, prior: sparsegpt", 102.97, "maskllm"),
+            ("MaskLLM on shakespeare, prior: wiki MaskLLM mask (general)", 81.90, "maskllm")]
+
+
+@pytest.fixture
+def figures(monkeypatch, tmp_path):
+    """The figures the plot functions draw, kept open instead of saved."""
+    kept = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path, dpi: kept.append(fig))
+    yield kept
+    for fig in kept:
+        plt.close(fig)
+
+
+def labels(fig, axis):
+    """(text, box) of every tick label drawn inside the axis's view, major and minor, left to right."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    lo, hi = sorted(axis.get_view_interval())
+    ticks = [*zip(axis.get_majorticklocs(), axis.get_majorticklabels()),
+             *zip(axis.get_minorticklocs(), axis.get_minorticklabels())]
+    return [(t.get_text(), t.get_window_extent(renderer)) for loc, t in sorted(ticks, key=lambda x: x[0])
+            if lo <= loc <= hi and t.get_text()]
+
+
+def overlap(boxes) -> list:
+    return [(a, b) for (a, x), (b, y) in combinations(boxes, 2) if x.overlaps(y)]
+
+
+def test_transfer_figure_tick_labels_do_not_overlap(figures, tmp_path, monkeypatch):
+    plots.transfer("shakespeare", TRANSFER, 50.64, tmp_path / "t.png")
+    ticks = labels(figures[-1], figures[-1].axes[0].xaxis)
+    assert not overlap(ticks)
+    assert [t for t, _ in ticks] == ["50", "100", "200", "500"]  # plain numbers at 1, 2, 5 x 10^k
+    monkeypatch.setattr(plots, "plain_log_axis", lambda *a: None)  # matplotlib's default labels: the bug
+    plots.transfer("shakespeare", TRANSFER, 50.64, tmp_path / "t.png")
+    assert overlap(labels(figures[-1], figures[-1].axes[0].xaxis))
+
+
+def test_ppl_figure_names_the_best_one_shot_row_and_its_labels_do_not_overlap(figures, tmp_path):
+    ppl = {"dense": 14.01, "magnitude": 1566.7, "wanda": 128.05, "sparsegpt": 50.61, "maskllm": 36.09,
+           "sparsegpt_maskonly": 78.72}
+    plots.ppl_bars(ppl, {"model": "smollm2"}, tmp_path / "p.png", gap=(0.397, "sparsegpt"))
+    ax = figures[-1].axes[0]
+    assert "MaskLLM closes 39.7 % of the gap between SparseGPT (best one-shot) and dense" in ax.get_title()
+    ticks = labels(figures[-1], ax.xaxis)
+    assert not overlap(ticks) and [t for t, _ in ticks] == ["10", "100", "1000"]  # > 2.5 decades: 10^k only
+    assert [t.get_text() for t in ax.get_yticklabels()] == [plots.label(r) for r in plots.ROWS if r in ppl and r != "dense"]
+
+
+def test_sweep_figure_draws_the_seed_spread(figures, tmp_path):
+    spread = {"maskllm": {"min": 34.0, "max": 39.0, "n": 3}, "sparsegpt": {"min": 49.0, "max": 53.0, "n": 3},
+              "dense": {"min": 14.01, "max": 14.01, "n": 3}}
+    plots.sweep("learn.tau", [(1.0, 45.0), (4.0, 36.09), (8.0, 40.0)], {"dense": 14.01, "sparsegpt": 50.61},
+                tmp_path / "s.png", current=4.0, spread=spread)
+    ax = figures[-1].axes[0]
+    bar = next(c for c in ax.containers if c.get_label().startswith("MaskLLM over 3 seeds"))
+    (segment,) = bar.lines[2][0].get_segments()
+    assert segment.tolist() == [[4.0, 34.0], [4.0, 39.0]]  # min to max at the current tau
+    bands = [p for p in ax.patches if p.get_alpha() == 0.12]
+    assert len(bands) == 2  # sparsegpt (49-53) and dense (a zero-width band)
+    assert sorted(round(p.get_extents().height, 0) > 0 for p in bands) == [False, True]
+    assert not overlap(labels(figures[-1], ax.yaxis))
+    plots.sweep("learn.tau", [(1.0, 45.0), (4.0, 36.09)], {"dense": 14.01}, tmp_path / "s.png", current=4.0,
+                spread={"maskllm": {"min": 36.09, "max": 36.09, "n": 1}})  # one seed: nothing drawn
+    ax = figures[-1].axes[0]
+    assert not [c for c in ax.containers if c.get_label().startswith("MaskLLM over")] and not ax.patches
+
+
+def test_zeroshot_figure_marks_chance_and_standard_errors(figures, tmp_path):
+    def r(acc, se, chance):
+        return {"metrics": {"acc": acc}, "stderr": {"acc": se}, "examples": 40, "chance": chance}
+
+    results = {"dense": {"lastword_wiki": r(0.425, 0.079, None), "piqa": r(0.6, 0.01, 0.5)},
+               "maskllm": {"lastword_wiki": r(0.3, 0.072, None), "piqa": r(0.55, 0.01, 0.5)}}
+    plots.zeroshot_bars(results, tmp_path / "z.png")
+    ax = figures[-1].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["lastword_wiki", "piqa"]
+    heights = sorted(round(p.get_height(), 3) for p in ax.patches)
+    assert heights == [0.3, 0.425, 0.55, 0.6]
+    (chance,) = [c for c in ax.collections if c.get_label() == "chance (uniform guess)"]
+    ((x0, y0), (x1, y1)), = chance.get_segments()
+    assert y0 == y1 == 0.5 and x0 < 1 < x1  # across the piqa group only
+    # each bar's error bar spans acc ± its standard error
+    errors = sorted(round((seg[1][1] - seg[0][1]) / 2, 3) for c in ax.containers if getattr(c, "errorbar", None)
+                    for seg in c.errorbar.lines[2][0].get_segments())
+    assert errors == [0.01, 0.01, 0.072, 0.079]
+    assert "chance ≈ 0 on lastword_wiki (open vocabulary)" in ax.get_title()
+
+
+def test_seed_figure_shows_each_rows_range(figures, tmp_path):
+    plots.seed_spread({"dense": 14.0, "sparsegpt": 50.0, "maskllm": 36.0},
+                      {"sparsegpt": {"min": 49.0, "max": 53.0, "n": 3}, "maskllm": {"min": 34.0, "max": 39.0, "n": 3},
+                       "dense": {"min": 14.0, "max": 14.0, "n": 3}}, "wiki", tmp_path / "seeds.png")
+    ax = figures[-1].axes[0]
+    ranges = sorted(tuple(seg[:, 0]) for c in ax.collections for seg in c.get_segments())
+    assert ranges == [(14.0, 14.0), (34.0, 39.0), (49.0, 53.0)]
+    assert "spread over 3 seeds" in ax.get_title() and not overlap(labels(figures[-1], ax.xaxis))
+
+
+def test_zeroshot_figure_without_tasks_says_why(figures, tmp_path):
+    plots.zeroshot_bars({}, tmp_path / "z.png")
+    (text,) = figures[-1].axes[0].texts
+    assert text.get_text() == "no zero-shot results: evaluate.zeroshot_tasks is empty"

@@ -1,0 +1,86 @@
+"""Pipeline states in MLflow as ablations (pipeline/sweeps.py): sweeps, seeds and their spread."""
+import json
+import statistics
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline import sweeps, tracking
+from pipeline.config import parse_params
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
+    return tmp_path
+
+
+def params(prior_seed=0, learn_seed=0, **learn):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["prior"]["seed"] = prior_seed
+    raw["learn"].update(learn, seed=learn_seed)
+    return parse_params(raw)
+
+
+def log_state(store, p, ppl: dict[str, float], name: str):
+    results = []
+    for row, value in ppl.items():
+        f = store / f"{name}-{row}.json"
+        f.write_text(json.dumps({"ppl": value, "nll": 1.0, "protocol": {}}))
+        results.append(tracking.Result(row, "wiki", True, json.loads(f.read_text()), f))
+    tracking.sync(p, "wiki", results)
+
+
+def test_seed_states_are_the_current_params_under_other_seeds(store, monkeypatch):
+    for i, (seed, maskllm, sparsegpt) in enumerate([(0, 40.0, 50.0), (1, 42.0, 52.0), (2, 47.0, 51.0)]):
+        monkeypatch.setenv("DVC_EXP_NAME", f"seed-{seed}")
+        log_state(store, params(seed, seed), {"maskllm": maskllm, "sparsegpt": sparsegpt}, f"s{i}")
+    log_state(store, params(1, 0), {"maskllm": 99.0}, "mixed")  # another seed pair: a state of its own
+    log_state(store, params(0, 0, tau=2.0), {"maskllm": 60.0}, "tau")  # another param: not a seed state
+    current = params(0, 0)
+    states = sweeps.seed_states(current, "wiki")
+    assert sorted(s.data.params["learn.seed"] + s.data.params["prior.seed"] for s in states) == ["00", "01", "11", "22"]
+    spread = sweeps.seed_spread(current, "wiki")
+    by_hand = [40.0, 42.0, 47.0, 99.0]
+    mean = sum(by_hand) / 4
+    assert spread["ppl.maskllm.wiki"] == pytest.approx(
+        {"mean": mean, "min": 40.0, "max": 99.0, "n": 4,
+         "std": (sum((v - mean) ** 2 for v in by_hand) / 3) ** 0.5})
+    assert spread["ppl.sparsegpt.wiki"] == pytest.approx({"mean": 51.0, "min": 50.0, "max": 52.0, "n": 3, "std": 1.0})
+    # a seed state is no sweep point, a tau state is
+    assert sweeps.sweep_points(current, "wiki", "ppl.maskllm.wiki") == {"learn.tau": [(4.0, 40.0), (2.0, 60.0)]}
+    # a rerun of the same seeds (a later run) replaces the earlier one in the spread
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "def456")
+    log_state(store, params(1, 1), {"maskllm": 43.0}, "rerun")
+    spread = sweeps.seed_spread(current, "wiki", sweeps.states(current, "wiki"))
+    assert spread["ppl.maskllm.wiki"] == pytest.approx(
+        {"mean": (40.0 + 43.0 + 47.0 + 99.0) / 4, "min": 40.0, "max": 99.0, "n": 4,
+         "std": statistics.stdev([40.0, 43.0, 47.0, 99.0])})
+    # the rerun logged no SparseGPT result: its spread rests on the two other seeds
+    assert spread["ppl.sparsegpt.wiki"] == pytest.approx({"mean": 50.5, "min": 50.0, "max": 51.0, "n": 2, "std": 2 ** -0.5})
+
+
+def test_one_seed_has_no_spread(store):
+    log_state(store, params(), {"maskllm": 40.0}, "only")
+    spread = sweeps.seed_spread(params(), "wiki")
+    assert spread["ppl.maskllm.wiki"] == {"mean": 40.0, "min": 40.0, "max": 40.0, "std": 0.0, "n": 1}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.5, 1e4), min_size=1, max_size=12))
+def test_spread_statistics(values):
+    s = sweeps.spread(values)
+    assert s["min"] <= s["mean"] * (1 + 1e-12) and s["mean"] <= s["max"] * (1 + 1e-12) and s["n"] == len(values)
+    assert s["std"] == pytest.approx(statistics.stdev(values) if len(values) > 1 else 0.0, rel=1e-9, abs=1e-9)
+
+
+def test_current_value_is_how_sweep_points_name_it():
+    assert sweeps.current_value(params(tau=2.0), "learn.tau") == 2.0
+    assert sweeps.current_value(params(), "learn.steps") == 64
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["learn"].update(prior="file", prior_file="masks/general.safetensors")
+    assert sweeps.current_value(parse_params(raw), "learn.prior") == "file:general"
