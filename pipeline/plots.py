@@ -241,11 +241,14 @@ def zeroshot_bars(results: dict[str, dict[str, dict]], path: Path, dpi: int = 15
     _save(fig, path, dpi)
 
 
-def seed_spread(in_domain: dict[str, float], spread: dict[str, dict], dataset: str, path: Path, dpi: int = 150) -> None:
+def seed_spread(in_domain: dict[str, float], spread: dict[str, dict], dataset: str, path: Path, dpi: int = 150,
+                seeds: str = "prior.seed, learn.seed") -> None:
     """In-domain PPL of every row in the current state (dots) and its range over the same state
     under other seeds (bars, min to max): differences inside the ranges are not real.
-    spread: {row: {"min", "max", "n"}} (sweeps.seed_spread)."""
+    spread: {row: {"min", "max", "n"}} (sweeps.seed_spread); seeds: the seed values spanned
+    (sweeps.describe_seeds). A row that did not vary with them gets no bar."""
     rows = [r for r in ROWS if r in in_domain]
+    spread = {r: s for r, s in spread.items() if s["n"] > 1 and s["max"] > s["min"]}
     fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(rows) + 1.4))
     for y, r in enumerate(rows):
         s = spread.get(r)
@@ -263,7 +266,6 @@ def seed_spread(in_domain: dict[str, float], spread: dict[str, dict], dataset: s
     ax.set_ylim(len(rows) - 0.5, -0.7)
     n = max((s["n"] for s in spread.values()), default=1)
     ax.set_xlabel(f"{dataset} test perplexity (log scale)")
-    ax.set_title(f"spread over {n} seeds (prior.seed, learn.seed): min–max bars, this state's value as dots",
-                 fontsize=9)
+    ax.set_title(f"spread over {n} seed pairs ({seeds}):\nmin–max bars, this state's value as dots", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
     _save(fig, path, dpi)

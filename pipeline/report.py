@@ -18,13 +18,16 @@ from pipeline.rows import ROWS, label
 
 def _cell(value: float, spread: dict | None) -> str:
     text = f"{value:,.2f}"
-    if spread and spread["n"] > 1:
+    # a row that does not depend on the seeds varied (one-shot rows under learn.seed) shows no range
+    if spread and spread["n"] > 1 and spread["max"] > spread["min"]:
         text += f" [{spread['min']:,.2f}–{spread['max']:,.2f}]"
     return text
 
 
-def table(metrics: Path, domains: list[str], in_domain: str, spread: dict[str, dict] | None = None) -> str:
-    """PPL per row (lines) and domain (columns, in-domain first); ``spread``: sweeps.seed_spread."""
+def table(metrics: Path, domains: list[str], in_domain: str, spread: dict[str, dict] | None = None,
+          seeds: str = "prior.seed, learn.seed") -> str:
+    """PPL per row (lines) and domain (columns, in-domain first); ``spread``: sweeps.seed_spread,
+    ``seeds``: the seed values it spans (sweeps.describe_seeds)."""
     cols = [in_domain] + [d for d in domains if d != in_domain]
     ppl = read_ppl(metrics, cols)
     spread = spread or {}
@@ -34,9 +37,10 @@ def table(metrics: Path, domains: list[str], in_domain: str, spread: dict[str, d
         if ppl[r]:
             lines.append(f"| {label(r)} | " + " | ".join(
                 _cell(ppl[r][d], spread.get(f"ppl.{r}.{d}")) if d in ppl[r] else "—" for d in cols) + " |")
-    seeds = max((s["n"] for k, s in spread.items() if k.startswith("ppl.")), default=1)
-    if seeds > 1:
-        lines.append(f"\n[min–max]: the same pipeline state under {seeds} seeds (prior.seed, learn.seed), from MLflow")
+    n_seeds = max((s["n"] for k, s in spread.items() if k.startswith("ppl.")), default=1)
+    if n_seeds > 1:
+        lines.append(f"\n[min–max]: the same pipeline state under {n_seeds} seed pairs ({seeds}), from MLflow; "
+                     "a value without a range did not vary with them")
     gaps = [f"{d}: {100 * g[0]:.1f} % (vs {label(g[1])})" for d in cols
             if (g := gap_closed({r: ppl[r][d] for r in ROWS if d in ppl[r]})) is not None]
     if gaps:
@@ -68,25 +72,28 @@ def zeroshot_table(metrics: Path, tasks: list[str], domains: list[str] = ()) -> 
     return "\n".join(lines)
 
 
-def seed_spread_or_note(params) -> tuple[dict, str]:
-    """The current state's spread over seeds from MLflow, or a note saying why there is none."""
+def seed_spread_or_note(params) -> tuple[dict, str, str]:
+    """The current state's spread over seeds from MLflow and the seeds it spans, or a note
+    saying why there is none."""
     from pipeline import tracking
 
     uri = tracking.tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        return {}, f"(no spread over seeds: no MLflow store at {uri} yet)"
+        return {}, "", f"(no spread over seeds: no MLflow store at {uri} yet)"
     try:
-        from pipeline.sweeps import seed_spread
+        from pipeline import sweeps
 
-        return seed_spread(params, params.data.source), ""
+        states = sweeps.states(params, params.data.source)
+        seeds = sweeps.describe_seeds(sweeps.seed_values(sweeps.seed_states(params, params.data.source, states)))
+        return sweeps.seed_spread(params, params.data.source, states), seeds, ""
     except tracking.TrackingError as e:
-        return {}, f"(no spread over seeds: {e})"
+        return {}, "", f"(no spread over seeds: {e})"
 
 
 def main() -> int:
     params = load_params_or_exit()
-    spread, note = seed_spread_or_note(params)
-    print(table(Path("metrics"), params.evaluate.domains, params.data.source, spread))
+    spread, seeds, note = seed_spread_or_note(params)
+    print(table(Path("metrics"), params.evaluate.domains, params.data.source, spread, seeds))
     if note:
         print(note)
     zs = zeroshot_table(Path("metrics"), params.evaluate.zeroshot_tasks, params.evaluate.domains)

@@ -159,6 +159,18 @@ def seed_states(params, dataset: str, parents: list | None = None) -> list:
     return list(latest.values())
 
 
+def seed_values(states: list) -> dict[str, list[int]]:
+    """The values of each seed param over ``states`` (seed_states): which sources of noise a
+    spread includes (a one-shot row varies with ``prior.seed`` only)."""
+    defaults = _defaults()
+    return {k: sorted({int(s.data.params.get(k, defaults.get(k))) for s in states}) for k in SEEDS}
+
+
+def describe_seeds(values: dict[str, list[int]]) -> str:
+    """``{"prior.seed": [0], "learn.seed": [0, 1, 2]}`` -> ``"prior.seed 0; learn.seed 0, 1, 2"``."""
+    return "; ".join(f"{k} {', '.join(map(str, v))}" for k, v in values.items())
+
+
 def seed_spread(params, dataset: str, parents: list | None = None) -> dict[str, dict]:
     """Every metric of the current state's seed states -> its spread over them,
     e.g. ``{"ppl.maskllm.wiki": {"mean", "min", "max", "std", "n"}}`` (n = seeds with that metric)."""

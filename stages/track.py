@@ -52,6 +52,7 @@ def main(params):
     in_domain = {row: t[dataset] for row, t in table.items() if dataset in t}
     states = sweeps.states(params, dataset)
     spread = sweeps.seed_spread(params, dataset, states)
+    seed_values = sweeps.describe_seeds(sweeps.seed_values(sweeps.seed_states(params, dataset, states)))
     row_spread = {row: spread[f"ppl.{row}.{dataset}"] for row in in_domain if f"ppl.{row}.{dataset}" in spread}
     seeds = max((s["n"] for s in row_spread.values()), default=1)
     # ablations: MaskLLM's in-domain PPL across pipeline states that differ in one param
@@ -66,12 +67,12 @@ def main(params):
         for domain, (bars, dense) in transfers.items():
             plots.transfer(domain, bars, dense, tmp / f"transfer_{domain}.png", dpi)
         if seeds > 1:
-            plots.seed_spread(in_domain, row_spread, dataset, tmp / "seeds.png", dpi)
+            plots.seed_spread(in_domain, row_spread, dataset, tmp / "seeds.png", dpi, seed_values)
         (tmp / "index.md").write_text(
             "# Ablation figures\n\n" + "".join(f"- `{p}`: {len(v)} values -> {p.replace('.', '_')}.png\n"
                                                 for p, v in points.items())
             + "".join(f"- transfer to {d}: {len(b)} masks -> transfer_{d}.png\n" for d, (b, _) in transfers.items())
-            + (f"- seeds: {seeds} states of these params (prior.seed, learn.seed) -> seeds.png\n" if seeds > 1 else "")
+            + (f"- seeds: {seeds} states of these params ({seed_values}) -> seeds.png\n" if seeds > 1 else "")
             + ("" if points or transfers or seeds > 1 else
                "None yet: queue a sweep (`make sweep-tau`, see the README) or other seeds.\n"))
     figures = sorted(PLOTS.glob("*.png")) + sorted((PLOTS / "sweeps").glob("*.png"))

@@ -54,11 +54,15 @@ def test_table_puts_the_training_domain_first_and_names_the_best_row(tmp_path):
 
 def test_table_shows_the_spread_over_seeds(tmp_path):
     write(tmp_path, {"dense": {"wiki": 14.0}, "maskllm": {"wiki": 47.0}})
+    write(tmp_path, {"sparsegpt": {"wiki": 50.0}})
     spread = {"ppl.maskllm.wiki": {"min": 45.5, "max": 49.25, "n": 3, "mean": 47.0, "std": 1.0},
-              "ppl.dense.wiki": {"min": 14.0, "max": 14.0, "n": 1, "mean": 14.0, "std": 0.0}}
-    text = table(tmp_path, ["wiki"], "wiki", spread)
+              "ppl.dense.wiki": {"min": 14.0, "max": 14.0, "n": 1, "mean": 14.0, "std": 0.0},
+              # a one-shot row under learn seeds only: the same value three times, no range
+              "ppl.sparsegpt.wiki": {"min": 50.0, "max": 50.0, "n": 3, "mean": 50.0, "std": 0.0}}
+    text = table(tmp_path, ["wiki"], "wiki", spread, "prior.seed 0; learn.seed 0, 1, 2")
     assert "| MaskLLM | 47.00 [45.50–49.25] |" in text and "| dense | 14.00 |" in text
-    assert "the same pipeline state under 3 seeds (prior.seed, learn.seed)" in text
+    assert "| SparseGPT | 50.00 |" in text
+    assert "the same pipeline state under 3 seed pairs (prior.seed 0; learn.seed 0, 1, 2)" in text
 
 
 def test_zeroshot_table_with_standard_errors_and_chance(tmp_path):

@@ -51,6 +51,8 @@ def test_seed_states_are_the_current_params_under_other_seeds(store, monkeypatch
         {"mean": mean, "min": 40.0, "max": 99.0, "n": 4,
          "std": (sum((v - mean) ** 2 for v in by_hand) / 3) ** 0.5})
     assert spread["ppl.sparsegpt.wiki"] == pytest.approx({"mean": 51.0, "min": 50.0, "max": 52.0, "n": 3, "std": 1.0})
+    assert sweeps.seed_values(states) == {"prior.seed": [0, 1, 2], "learn.seed": [0, 1, 2]}
+    assert sweeps.describe_seeds(sweeps.seed_values(states[:1])) == "prior.seed 0; learn.seed 0"
     # a seed state is no sweep point, a tau state is
     assert sweeps.sweep_points(current, "wiki", "ppl.maskllm.wiki") == {"learn.tau": [(4.0, 40.0), (2.0, 60.0)]}
     # a rerun of the same seeds (a later run) replaces the earlier one in the spread
