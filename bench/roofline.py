@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.io import write_json
+
 RESULTS = Path(__file__).resolve().parent / "results" / "roofline.json"
 # SmolLM2-135M (artifacts/dense/config.json): the shapes when no model is given
 SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
@@ -199,9 +201,7 @@ def main() -> None:
               f"{bandwidth['copy'] / 1e9:.1f} GB/s, triad {bandwidth['triad'] / 1e9:.1f} GB/s")
     out = Path(args.out) if args.out else RESULTS if args.dtype == "float32" else RESULTS.with_name("roofline_float64.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, record)
     print(f"wrote {out}")
 
 

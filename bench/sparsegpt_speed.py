@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import platform
 import time
@@ -41,6 +40,7 @@ import torch
 from pipeline import calibration, oneshot
 from pipeline.calibration import InputStats, prune_blockwise
 from pipeline.data import load_tokens, sample_windows
+from pipeline.io import write_json
 from pipeline.oneshot import prune_oneshot
 from roofline import gemm_peak, model_shapes
 
@@ -232,9 +232,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, record)
     print(f"wrote {out}")
 
 
