@@ -8,20 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch.nn.utils import parametrize
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from pipeline import mask_kernel as mk
 from pipeline import maskllm as ml
 from pipeline.nm import candidates, find_prunable_layers, is_nm
+from tests.tiny_models import tiny_llama
 
 S24 = candidates(2, 4)  # (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_gpt2(seed=0):

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from pipeline.magnitude import magnitude_mask
 from pipeline.masks_io import (
@@ -19,24 +19,10 @@ from pipeline.masks_io import (
     save_weights,
 )
 from pipeline.nm import find_prunable_layers
+from tests.tiny_models import tiny_gpt2, tiny_llama
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256,
-    )).eval()
-
-
-def tiny_gpt2():
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(
-        n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64, bos_token_id=0, eos_token_id=0,
-    )).eval()
 
 
 def magnitude_masks(model):

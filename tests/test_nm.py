@@ -8,8 +8,6 @@ from torch import nn
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     OPTConfig,
@@ -29,13 +27,7 @@ from pipeline.nm import (
     topn_mask,
 )
 from pipeline.observe import Layout, LinearUses, locate
-
-
-def tiny_llama(intermediate_size=128):
-    return LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-    ))
+from tests.tiny_models import tiny_llama
 
 
 # ---------------------------------------------------------------- candidates

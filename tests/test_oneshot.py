@@ -5,16 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from pipeline.calibration import InputStats, capture_block_inputs, observe_block
 from pipeline.data import sample_windows
@@ -23,6 +14,7 @@ from pipeline.nm import NMError, find_blocks, find_prunable_layers, is_nm
 from pipeline.oneshot import prune_oneshot
 from pipeline.sparsegpt import sparsegpt_prune
 from pipeline.wanda import wanda_mask
+from tests.tiny_models import tiny_gpt2, tiny_llama
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -95,21 +87,6 @@ def test_every_method_gives_exact_nm(pattern, rows, groups, seed):
 
 
 # ---------------------------------------------------------------- whole models
-
-def tiny_llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256,
-    )).eval()
-
-
-def tiny_gpt2():
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(
-        n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64, bos_token_id=0, eos_token_id=0,
-    )).eval()
-
 
 def calib_tokens(nsamples=6, seqlen=32):
     tokens = torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(1))

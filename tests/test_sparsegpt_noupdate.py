@@ -3,7 +3,6 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.calibration import InputStats
 from pipeline.config import ParamsError, parse_params
@@ -13,6 +12,7 @@ from pipeline.nm import NMError, find_prunable_layers, is_nm
 from pipeline.oneshot import prune_oneshot
 from pipeline.sparsegpt_noupdate import inverse_hessian_factor, noupdate_mask, sparsegpt_noupdate_layers
 from pipeline.wanda import wanda_mask
+from tests.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -88,14 +88,6 @@ def test_width_not_divisible_by_m_names_the_method():
         sparsegpt_noupdate_layers([(torch.randn(4, 30), torch.eye(30))], 2, 4)
 
 
-def tiny_llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256,
-    )).eval()
-
-
 def dense_hessians(model, calib, batch_size):
     """H of every layer from plain forward passes of the dense model (hooks on all layers at once, as the authors)."""
     stats, handles = {}, []
@@ -112,7 +104,7 @@ def dense_hessians(model, calib, batch_size):
 
 
 def test_whole_model_uses_the_dense_models_hessians_and_keeps_its_weights():
-    model = tiny_llama()
+    model = tiny_llama(layers=3)
     dense = copy.deepcopy(model)
     calib = sample_windows(torch.randint(0, 256, (2000,), generator=torch.Generator().manual_seed(1)), 6, 32, 0)
     result = prune_oneshot(model, "sparsegpt_noupdate", calib, 2, 4, batch_size=4, progress=False)
