@@ -59,6 +59,7 @@ def dense_variant(args):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         lr_schedule.step()
+    step.model = model  # bench/step_profile.py reuses it for an evaluation batch
     return step
 
 
