@@ -180,3 +180,57 @@ def seed_spread(params, dataset: str, parents: list | None = None) -> dict[str, 
             if isinstance(v, (int, float)) and math.isfinite(v):
                 values.setdefault(k, []).append(float(v))
     return {k: spread(v) for k, v in values.items()}
+
+
+def neighbours(params, dataset: str, parents: list | None = None, max_changes: int = 2) -> list[dict]:
+    """The current state and every logged state that differs from it in at most ``max_changes``
+    params (sweep points, seeds, paired changes such as AdamW's betas and eps), latest run per
+    change, fewest changes first: ``{"changes": {param: label}, "sets": {param: value} (for
+    command), "metrics": {...}, "exp": DVC name}`` (a prior file is one change, ``file:<name>``)."""
+    parents = states(params, dataset) if parents is None else parents
+    current, defaults = _relevant(params), _defaults()
+    latest = {}
+    for run in parents:
+        p = run.data.params
+        sets = {k: p.get(k, defaults.get(k)) for k, v in current.items() if p.get(k, defaults.get(k)) != v}
+        changes = dict(sets)
+        if "learn.prior_file" in changes or "learn.prior" in changes:  # the prior and its file are one choice
+            prior = {k: p.get(k, defaults.get(k)) for k in ("learn.prior", "learn.prior_file")}
+            changes.pop("learn.prior_file", None)
+            changes["learn.prior"] = prior_label(prior)
+            sets.update((k, v) for k, v in prior.items() if k == "learn.prior" or v != "null")
+        if len(changes) <= max_changes and "ppl.maskllm." + dataset in run.data.metrics:
+            latest[tuple(sorted(changes.items()))] = {"changes": changes, "sets": sets, "metrics": dict(run.data.metrics),
+                                                      "exp": run.data.tags.get("dvc_exp_name", "")}
+    return sorted(latest.values(), key=lambda s: (len(s["changes"]), sorted(s["changes"].items())))
+
+
+def command(sets: dict[str, str]) -> str:
+    """The one command that reproduces a state from the current params (``neighbours``' sets)."""
+    if not sets:
+        return "dvc repro"
+    out = []
+    for k, v in sets.items():
+        value = v.replace(" ", "") if v.startswith("[") else v
+        out.append(f"-S '{k}={value}'" if any(c in value for c in "[],") else f"-S {k}={value}")
+    return "dvc exp run " + " ".join(out)
+
+
+def neighbours_table(rows: list[dict], dataset: str, domains: list[str]) -> str:
+    """Markdown: MaskLLM's PPL per domain (in-domain first) of each state from ``neighbours``,
+    the gap it closes in domain, and the command that reproduces it."""
+    from pipeline.results import gap_closed
+
+    cols = [dataset] + [d for d in domains if d != dataset]
+    lines = ["| change from the current params | " + " | ".join(f"MaskLLM {d}" for d in cols)
+             + f" | gap closed ({dataset}) | reproduce |", "|---" * (len(cols) + 3) + "|"]
+    for r in rows:
+        m = r["metrics"]
+        ppl = {k.split(".")[1]: v for k, v in m.items() if k.startswith("ppl.") and k.endswith(f".{dataset}")}
+        gap = gap_closed(ppl)
+        change = ", ".join(f"`{k}={v}`" for k, v in r["changes"].items()) or "(current)"
+        cells = [f"{m[f'ppl.maskllm.{d}']:,.2f}" if f"ppl.maskllm.{d}" in m else "—" for d in cols]
+        lines.append(f"| {change} | " + " | ".join(cells) + f" | {'—' if gap is None else f'{100 * gap[0]:.1f} %'} | "
+                     f"`{command(r['sets'])}` |")
+    return "\n".join(lines)
+

@@ -68,11 +68,18 @@ def main(params):
             plots.transfer(domain, bars, dense, tmp / f"transfer_{domain}.png", dpi)
         if seeds > 1:
             plots.seed_spread(in_domain, row_spread, dataset, tmp / "seeds.png", dpi, seed_values)
+        near = sweeps.neighbours(params, dataset, states)
+        (tmp / "states.md").write_text(
+            f"# MaskLLM in the logged pipeline states near the current params ({dataset})\n\n"
+            "Every state MLflow holds that differs from the current params in at most two params,\n"
+            "the latest run of each; `reproduce` is the one command that recreates it.\n\n"
+            + sweeps.neighbours_table(near, dataset, params.evaluate.domains) + "\n")
         (tmp / "index.md").write_text(
             "# Ablation figures\n\n" + "".join(f"- `{p}`: {len(v)} values -> {p.replace('.', '_')}.png\n"
                                                 for p, v in points.items())
             + "".join(f"- transfer to {d}: {len(b)} masks -> transfer_{d}.png\n" for d, (b, _) in transfers.items())
             + (f"- seeds: {seeds} states of these params ({seed_values}) -> seeds.png\n" if seeds > 1 else "")
+            + "- every state within two params of these, with the command that reproduces it -> states.md\n"
             + ("" if points or transfers or seeds > 1 else
                "None yet: queue a sweep (`make sweep-tau`, see the README) or other seeds.\n"))
     figures = sorted(PLOTS.glob("*.png")) + sorted((PLOTS / "sweeps").glob("*.png"))

@@ -194,6 +194,10 @@ def test_a_learned_mask_as_prior_reruns_only_the_maskllm_branch(micro_copy):
     # the two priors (one-shot and file) make the learn.prior ablation figure
     assert "`learn.prior`: 2 values" in (micro_copy / "plots" / "sweeps" / "index.md").read_text()
     assert (micro_copy / "plots" / "sweeps" / "learn_prior.png").stat().st_size > 0
+    # the table of neighbouring states: this one (the file prior) and the one-shot prior's, with its command
+    states = (micro_copy / "plots" / "sweeps" / "states.md").read_text()
+    assert "| (current) |" in states and "| `learn.prior=sparsegpt` |" in states
+    assert "`dvc exp run -S learn.prior=sparsegpt` |" in states
     # (a mask made for other dense weights is refused: tests/test_transfer.py)
 
 

@@ -86,3 +86,33 @@ def test_current_value_is_how_sweep_points_name_it():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["learn"].update(prior="file", prior_file="masks/general.safetensors")
     assert sweeps.current_value(parse_params(raw), "learn.prior") == "file:general"
+
+
+def test_neighbours_are_the_states_within_two_params_with_their_command(store, monkeypatch):
+    def log(p, maskllm, name, **more):
+        monkeypatch.setenv("DVC_EXP_NAME", name)
+        log_state(store, p, {"maskllm": maskllm, "sparsegpt": 50.0, "dense": 14.0, **more}, name)
+
+    log(params(), 36.0, "current")
+    log(params(tau=2.0), 40.0, "tau-2")
+    log(params(betas=[0.9, 0.95], eps=1e-5), 38.0, "authors-adam")
+    log(params(1, 1), 37.0, "seeds-1")                        # two seeds: two changes
+    log(params(0, 0, tau=2.0, kappa=30.0, steps=8), 90.0, "far")  # three changes: not a neighbour
+    log(params(tau=2.0), 41.0, "tau-2-again")                 # the latest run of a change wins
+    log(params(prior="file", prior_file="masks/general.safetensors"), 35.0, "file")  # prior + file: one change
+    rows = sweeps.neighbours(params(), "wiki")
+    got = {tuple(r["changes"].items()): (r["metrics"]["ppl.maskllm.wiki"], r["exp"]) for r in rows}
+    assert got == {(): (36.0, "current"), (("learn.tau", "2.0"),): (41.0, "tau-2-again"),
+                   (("learn.betas", "[0.9, 0.95]"), ("learn.eps", "1e-05")): (38.0, "authors-adam"),
+                   (("prior.seed", "1"), ("learn.seed", "1")): (37.0, "seeds-1"),
+                   (("learn.prior", "file:general"),): (35.0, "file")}
+    assert rows[0]["changes"] == {} and len(rows[1]["changes"]) == 1  # fewest changes first
+    assert sweeps.command({}) == "dvc repro"
+    assert [sweeps.command(r["sets"]) for r in rows if r["exp"] == "file"] == [
+        "dvc exp run -S learn.prior=file -S learn.prior_file=masks/general.safetensors"]
+    assert sweeps.command({"learn.betas": "[0.9, 0.95]", "learn.eps": "1e-05"}) == \
+        "dvc exp run -S 'learn.betas=[0.9,0.95]' -S learn.eps=1e-05"
+    text = sweeps.neighbours_table(rows, "wiki", ["wiki"])
+    # gap closed against SparseGPT, by hand: (50 - 41) / (50 - 14) = 25.0 %
+    assert "| `learn.tau=2.0` | 41.00 | 25.0 % | `dvc exp run -S learn.tau=2.0` |" in text.splitlines()
+    assert "| (current) | 36.00 | 38.9 % | `dvc repro` |" in text.splitlines()
