@@ -197,7 +197,8 @@ def test_a_learned_mask_as_prior_reruns_only_the_maskllm_branch(micro_copy):
     # the table of neighbouring states: this one (the file prior) and the one-shot prior's, with its command
     states = (micro_copy / "plots" / "sweeps" / "states.md").read_text()
     assert "| (current) |" in states and "| `learn.prior=sparsegpt` |" in states
-    assert "`dvc exp run -S learn.prior=sparsegpt` |" in states
+    # back to the one-shot prior: the file param is reset too, so the state is recreated exactly
+    assert "`dvc exp run -S learn.prior=sparsegpt -S learn.prior_file=null` |" in states
     # (a mask made for other dense weights is refused: tests/test_transfer.py)
 
 
