@@ -143,7 +143,7 @@ def sweep(param: str, points: list[tuple[object, float]], references: dict[str, 
     seeds, drawn as an error bar at MaskLLM's ``current`` value and as bands around the references.
     """
     spread = spread or {}
-    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    fig, ax = plt.subplots(figsize=(7.6, 3.6))
     xs = [x for x, _ in points]
     ys = [y for _, y in points]
     numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
@@ -173,7 +173,8 @@ def sweep(param: str, points: list[tuple[object, float]], references: dict[str, 
     ax.set_ylabel(ylabel)
     ax.set_title(f"ablation: {param}" + (" (bands: other seeds, min–max)" if any(
         s["n"] > 1 for s in spread.values()) else ""), fontsize=10)
-    ax.legend(fontsize=7)
+    # beside the axes: inside, it hid the bars of a categorical sweep (learn.prior)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     _save(fig, path, dpi)
 
