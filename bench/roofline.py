@@ -200,8 +200,7 @@ def main() -> None:
         print(f"peak {peak['flops_per_s'] / 1e9:.1f} GFLOP/s ({peak['name']}, {peak['kind']}); memory: copy "
               f"{bandwidth['copy'] / 1e9:.1f} GB/s, triad {bandwidth['triad'] / 1e9:.1f} GB/s")
     out = Path(args.out) if args.out else RESULTS if args.dtype == "float32" else RESULTS.with_name("roofline_float64.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, record)
+    write_json(out, record)  # makes the folder, writes atomically
     print(f"wrote {out}")
 
 

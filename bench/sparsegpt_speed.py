@@ -231,8 +231,7 @@ def main() -> None:
         "device": str(next(model.parameters()).device),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, record)
+    write_json(out, record)  # makes the folder, writes atomically
     print(f"wrote {out}")
 
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -35,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from maskllm_step import dense_variant, step_flops  # noqa: E402
-from roofline import gemm_peak  # noqa: E402
+from roofline import gemm_peak, machine  # noqa: E402
 
 from pipeline.evaluate import window_losses  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
@@ -160,8 +158,7 @@ def main() -> None:
     evaluate["top_ops"] = top_eval
 
     record = {"peak_flops_per_s": peak, "threads": threads, "train_step": train, "eval_batch": evaluate,
-              "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-              "torch": torch.__version__, "load_average_1min": round(os.getloadavg()[0], 2)}
+              **machine()}
     if args.eval_row:
         phases = eval_stage_phases(args.eval_row, args.eval_domain)
         record["eval_stage"] = phases
@@ -169,8 +166,7 @@ def main() -> None:
               f"imports {phases['imports_s']:.1f} + load and mask {phases['load_and_mask_s']:.1f} + forwards "
               f"{phases['forward_s']:.1f} + interpreter start/exit {phases['interpreter_and_exit_s']:.1f}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, record)
+    write_json(out, record)  # makes the folder, writes atomically
     print(f"wrote {out}")
 
 
