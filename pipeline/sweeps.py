@@ -74,9 +74,30 @@ def prior_label(p: dict[str, str]) -> str:
     return f"file:{Path(p['learn.prior_file']).stem}" if prior == "file" and p.get("learn.prior_file") else prior
 
 
+def _no_prior(p: dict[str, str], defaults: dict[str, str]) -> bool:
+    """Whether a state learns without a prior: ``learn.prior=none`` or ``learn.prior_strength=0``
+    (stages/learn.py loads no prior then: both start from the same logits and learn the same masks)."""
+    return (p.get("learn.prior", defaults.get("learn.prior")) == "none"
+            or float(p.get("learn.prior_strength", defaults.get("learn.prior_strength"))) == 0.0)
+
+
+def _as_point(p: dict[str, str], swept: str, current: dict[str, str], defaults: dict[str, str]) -> dict[str, str]:
+    """A no-prior state in the words of the sweep it is a point of: strength 0 under the current
+    prior in the prior-strength sweep, prior ``none`` under the current strength in the prior sweep,
+    so one run serves both."""
+    if swept not in ("learn.prior", "learn.prior_strength") or not _no_prior(p, defaults) or _no_prior(current, defaults):
+        return p
+    if swept == "learn.prior_strength":
+        same = {k: current[k] for k in ("learn.prior", "learn.prior_file") if k in current}
+        return {**p, **same, "learn.prior_strength": "0.0"}
+    return {**p, "learn.prior": "none", "learn.prior_file": current.get("learn.prior_file", "null"),
+            "learn.prior_strength": current["learn.prior_strength"]}
+
+
 def sweep_points(params, dataset: str, metric: str, parents: list | None = None) -> dict[str, list[tuple[object, float]]]:
     """For each swept param: (value, metric) of every pipeline state that differs from the
-    current one in that param alone (latest run per value)."""
+    current one in that param alone (latest run per value). A state without a prior is a point of
+    both the prior sweep (``none``) and the prior-strength sweep (0)."""
     parents = states(params, dataset) if parents is None else parents
     current, defaults = _relevant(params), _defaults()
     out = {}
@@ -85,7 +106,7 @@ def sweep_points(params, dataset: str, metric: str, parents: list | None = None)
         free = (swept, "learn.prior_file") if swept == "learn.prior" else (swept,)
         points = {}
         for run in parents:
-            p = run.data.params
+            p = _as_point(run.data.params, swept, current, defaults)
             if metric in run.data.metrics and swept in p and _matches(p, current, free, defaults):
                 points[prior_label(p) if swept == "learn.prior" else p[swept]] = run.data.metrics[metric]
         if len(points) >= 2:

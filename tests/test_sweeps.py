@@ -80,6 +80,22 @@ def test_spread_statistics(values):
     assert s["std"] == pytest.approx(statistics.stdev(values) if len(values) > 1 else 0.0, rel=1e-9, abs=1e-9)
 
 
+def test_a_state_without_prior_is_a_point_of_both_prior_sweeps(store):
+    log_state(store, params(), {"maskllm": 40.0}, "current")  # prior sparsegpt, strength 3
+    log_state(store, params(prior="none"), {"maskllm": 70.0}, "none")
+    log_state(store, params(prior_strength=1.0), {"maskllm": 45.0}, "alpha1")
+    log_state(store, params(prior="wanda"), {"maskllm": 50.0}, "wanda")
+    log_state(store, params(prior="wanda", prior_strength=0.0), {"maskllm": 71.0}, "two-changes")
+    points = sweeps.sweep_points(params(), "wiki", "ppl.maskllm.wiki")
+    # prior=none under any strength and strength 0 under any prior load no prior: the same point,
+    # the latest run of it (two-changes) in both sweeps
+    assert points == {"learn.prior": [("sparsegpt", 40.0), ("none", 71.0), ("wanda", 50.0)],
+                      "learn.prior_strength": [(3.0, 40.0), (0.0, 71.0), (1.0, 45.0)]}
+    # from a no-prior state, the other no-prior states are not rewritten into sweep points
+    assert sweeps.sweep_points(params(prior="none"), "wiki", "ppl.maskllm.wiki") == {
+        "learn.prior": [("sparsegpt", 40.0), ("none", 70.0), ("wanda", 50.0)]}
+
+
 def test_current_value_is_how_sweep_points_name_it():
     assert sweeps.current_value(params(tau=2.0), "learn.tau") == 2.0
     assert sweeps.current_value(params(), "learn.steps") == 64
