@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: stages run headless
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from pipeline.io import atomic_path  # noqa: E402
 from pipeline.rows import ROWS, label  # noqa: E402
@@ -19,8 +20,6 @@ COLORS = {"maskllm": "#c0392b", "sparsegpt": "#2c3e50", "sparsegpt_maskonly": "#
 def plain_log_axis(axis, lo: float, hi: float) -> None:
     """Plain-number labels on a log axis, only at 1, 2, 5 x 10^k (1 x 10^k beyond ~2.5 decades):
     matplotlib's default also labels minor ticks on a short axis, where 3x10^2 and 4x10^2 collide."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
     subs = (1.0, 2.0, 5.0) if hi / lo <= 10 ** 2.5 else (1.0,)
     axis.set_major_locator(LogLocator(base=10, subs=subs))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -134,49 +133,63 @@ def _band(ax, row: str, spread: dict | None) -> None:
         ax.axhspan(spread["min"], spread["max"], color=COLORS.get(row, "k"), alpha=0.12, lw=0)
 
 
-def sweep(param: str, points: list[tuple[object, float]], references: dict[str, float], path: Path,
-          dpi: int = 150, ylabel: str = "MaskLLM test PPL (in-domain)", current: object = None,
-          spread: dict[str, dict] | None = None) -> None:
-    """MaskLLM PPL against one swept parameter; the one-shot rows and dense as reference lines.
+def sweep(param: str, panels: list[dict], path: Path, dpi: int = 150, current: object = None) -> None:
+    """MaskLLM PPL against one swept parameter, one panel per evaluation domain (in-domain first);
+    the one-shot rows and dense of that domain as reference lines.
 
-    ``spread`` ({row: {"min", "max", "n"}}, sweeps.seed_spread): the current state under other
-    seeds, drawn as an error bar at MaskLLM's ``current`` value and as bands around the references.
+    panels: ``{"domain", "in_domain", "points": [(value, PPL)], "references": {row: PPL},
+    "spread": {row: {"min", "max", "n"}}}`` (sweeps.seed_spread of that domain): the current state
+    under other seeds, drawn as an error bar at MaskLLM's ``current`` value and as bands around the
+    references.
     """
-    spread = spread or {}
-    fig, ax = plt.subplots(figsize=(7.6, 3.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 0.6, 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        _sweep_panel(ax, param, panel, current)
+    banded = any(s["n"] > 1 for panel in panels for s in panel.get("spread", {}).values())
+    fig.suptitle(f"ablation: {param}" + (" (error bar and bands: other seeds, min–max)" if banded else ""), fontsize=10)
+    _save(fig, path, dpi)
+
+
+def _sweep_panel(ax, param: str, panel: dict, current: object) -> None:
+    points, references, spread = panel["points"], panel["references"], panel.get("spread") or {}
     xs = [x for x, _ in points]
     ys = [y for _, y in points]
     numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
     if numeric:
         order = sorted(range(len(xs)), key=lambda i: xs[i])
         ax.plot([xs[i] for i in order], [ys[i] for i in order], marker="o", color=COLORS["maskllm"], label="MaskLLM")
-        if param.endswith(("steps", "kappa", "weight_reg")) and min(xs) > 0 and max(xs) / min(xs) >= 8:
-            ax.set_xscale("log")
+        positive = [x for x in xs if x > 0]
+        if len(positive) >= 2 and max(positive) / min(positive) >= 8:  # tau 1 .. 8, kappa 10 .. 300, lambda 1e-5 .. 1e-4
+            # 0 (no prior, no regulariser) stays on the axis: linear below the smallest positive value
+            if min(xs) > 0:
+                ax.set_xscale("log")
+            else:
+                ax.set_xscale("symlog", linthresh=min(positive), linscale=0.5)
+            ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))])
+            ax.xaxis.set_minor_formatter(NullFormatter())
     else:
         ax.bar([str(x) for x in xs], ys, color=COLORS["maskllm"], label="MaskLLM")
+        ax.tick_params(axis="x", labelsize=7, rotation=20)
     for i, (x, y) in enumerate(points):
-        ax.annotate(f"{y:.1f}", (x if numeric else i, y), textcoords="offset points", xytext=(8, 5), ha="left",
-                    fontsize=8)
+        ax.annotate(f"{y:.1f}", (x if numeric else i, y), textcoords="offset points", xytext=(6, 4), ha="left",
+                    fontsize=7)
     s = spread.get("maskllm")
     if s and s["n"] > 1 and current in xs:
         y = ys[xs.index(current)]
         at = current if numeric else xs.index(current)
         ax.errorbar([at], [y], yerr=[[y - s["min"]], [s["max"] - y]], fmt="none", ecolor="k", capsize=4, lw=1.2,
-                    label=f"MaskLLM over {s['n']} seeds (min–max)")
+                    label=f"MaskLLM over {s['n']} seeds")
     for row, v in references.items():
         _band(ax, row, spread.get(row))
         ax.axhline(v, ls="--", lw=1, color=COLORS.get(row, "k"), label=f"{label(row)} {v:.1f}")
     ax.set_yscale("log")
     values = ys + list(references.values()) + [b for s in spread.values() if s["n"] > 1 for b in (s["min"], s["max"])]
     plain_log_axis(ax.yaxis, min(values), max(values))  # PPLs are read as values
-    ax.set_xlabel(param)
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"ablation: {param}" + (" (bands: other seeds, min–max)" if any(
-        s["n"] > 1 for s in spread.values()) else ""), fontsize=10)
-    # beside the axes: inside, it hid the bars of a categorical sweep (learn.prior)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.set_ylabel("test PPL")  # no x label: the title above the panels names the param, the ticks its values
+    ax.set_title(f"{panel['domain']} ({'in domain' if panel.get('in_domain') else 'out of domain'})", fontsize=9)
+    # below the axes: inside, it hid the bars of a categorical sweep (learn.prior)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, borderaxespad=0)
     ax.grid(alpha=0.3)
-    _save(fig, path, dpi)
 
 
 def transfer(domain: str, bars: list[tuple[str, float, str]], dense: float | None, path: Path,

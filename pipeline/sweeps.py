@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from pipeline.results import gap_closed
+from pipeline.rows import label
 from pipeline.tracking import client, experiment_name, flat_params, model_label
 
 SWEEPS = ("learn.tau", "learn.kappa", "learn.prior_strength", "learn.prior", "learn.weight_reg", "learn.steps",
@@ -94,10 +96,10 @@ def _as_point(p: dict[str, str], swept: str, current: dict[str, str], defaults: 
             "learn.prior_strength": current["learn.prior_strength"]}
 
 
-def sweep_points(params, dataset: str, metric: str, parents: list | None = None) -> dict[str, list[tuple[object, float]]]:
-    """For each swept param: (value, metric) of every pipeline state that differs from the
-    current one in that param alone (latest run per value). A state without a prior is a point of
-    both the prior sweep (``none``) and the prior-strength sweep (0)."""
+def sweep_runs(params, dataset: str, metric: str, parents: list | None = None) -> dict[str, dict[str, tuple[dict, object]]]:
+    """For each swept param: {value: (params as a point of that sweep, run)} of every pipeline state
+    with ``metric`` that differs from the current one in that param alone (latest run per value). A
+    state without a prior is a point of both the prior sweep (``none``) and the prior-strength sweep (0)."""
     parents = states(params, dataset) if parents is None else parents
     current, defaults = _relevant(params), _defaults()
     out = {}
@@ -108,10 +110,44 @@ def sweep_points(params, dataset: str, metric: str, parents: list | None = None)
         for run in parents:
             p = _as_point(run.data.params, swept, current, defaults)
             if metric in run.data.metrics and swept in p and _matches(p, current, free, defaults):
-                points[prior_label(p) if swept == "learn.prior" else p[swept]] = run.data.metrics[metric]
+                points[prior_label(p) if swept == "learn.prior" else p[swept]] = (p, run)
         if len(points) >= 2:
-            out[swept] = [(_value(k), v) for k, v in points.items()]
+            out[swept] = points
     return out
+
+
+def sweep_points(params, dataset: str, metric: str, parents: list | None = None) -> dict[str, list[tuple[object, float]]]:
+    """For each swept param: (value, metric) of every point of its sweep (sweep_runs)."""
+    return {swept: [(_value(k), run.data.metrics[metric]) for k, (_, run) in points.items()]
+            for swept, points in sweep_runs(params, dataset, metric, parents).items()}
+
+
+def sweep_table(param: str, points: dict[str, tuple[dict, object]], dataset: str, domains: list[str],
+                current, spread: dict[str, dict] | None = None) -> str:
+    """Markdown: one row per value of ``param`` (sweep_runs), in order: MaskLLM's in-domain PPL, the
+    gap it closes there, its PPL on the other domains and the one command that reproduces the
+    point; ``spread`` (seed_spread) adds the range of the current point over seeds."""
+    cols = [dataset] + [d for d in domains if d != dataset]
+    lines = [f"| `{param}` | MaskLLM {dataset} (in domain) | gap closed ({dataset}) | "
+             + " | ".join(f"MaskLLM {d}" for d in cols[1:]) + " | reproduce |", "|---" * (len(cols) + 3) + "|"]
+    numeric = all(isinstance(_value(k), (int, float)) for k in points)
+    for key in sorted(points, key=lambda k: _value(k) if numeric else k):
+        p, run = points[key]
+        m = run.data.metrics
+        gap = gap_closed({k.split(".")[1]: v for k, v in m.items() if k.startswith("ppl.") and k.endswith(f".{dataset}")})
+        cells = [f"{m[f'ppl.maskllm.{d}']:,.2f}" if f"ppl.maskllm.{d}" in m else "—" for d in cols]
+        here = _value(key) == current
+        sets = {param: p[param]}
+        if param == "learn.prior" and p.get("learn.prior") == "file":
+            sets["learn.prior_file"] = p["learn.prior_file"]
+        value = f"**{key}** (current)" if here else key
+        lines.append(f"| {value} | {cells[0]} | {'—' if gap is None else f'{100 * gap[0]:.1f} % of {label(gap[1])}'} | "
+                     + " | ".join(cells[1:]) + f" | `{'dvc repro' if here else command(sets)}` |")
+    s = {d: (spread or {}).get(f"ppl.maskllm.{d}") for d in cols}
+    if s[dataset] and s[dataset]["n"] > 1:
+        rng = [f"{s[d]['min']:,.2f}–{s[d]['max']:,.2f}" if s[d] else "—" for d in cols]
+        lines.append(f"| current, {s[dataset]['n']} seeds (min–max) | {rng[0]} | | " + " | ".join(rng[1:]) + " | |")
+    return "\n".join(lines)
 
 
 def transfer_states(params) -> dict[str, list[dict]]:
@@ -143,8 +179,6 @@ def transfer_bars(domain: str, learned: list[dict], table: dict, source: str):
     """The bars of a transfer figure: this state's general masks on ``domain``, then the masks
     ``learned`` on it (transfer_states: SparseGPT calibrated there, MaskLLM from each prior)
     -> ([(label, PPL, row)], dense PPL)."""
-    from pipeline.rows import label
-
     bars = []
     for row in ("sparsegpt", "maskllm"):
         if domain in table.get(row, {}):
@@ -240,8 +274,6 @@ def command(sets: dict[str, str]) -> str:
 def neighbours_table(rows: list[dict], dataset: str, domains: list[str]) -> str:
     """Markdown: MaskLLM's PPL per domain (in-domain first) of each state from ``neighbours``,
     the gap it closes in domain, and the command that reproduces it."""
-    from pipeline.results import gap_closed
-
     cols = [dataset] + [d for d in domains if d != dataset]
     lines = ["| change from the current params | " + " | ".join(f"MaskLLM {d}" for d in cols)
              + f" | gap closed ({dataset}) | reproduce |", "|---" * (len(cols) + 3) + "|"]

@@ -53,21 +53,40 @@ def main(params):
     states = sweeps.states(params, dataset)
     spread = sweeps.seed_spread(params, dataset, states)
     seed_values = sweeps.describe_seeds(sweeps.seed_values(sweeps.seed_states(params, dataset, states)))
-    row_spread = {row: spread[f"ppl.{row}.{dataset}"] for row in in_domain if f"ppl.{row}.{dataset}" in spread}
-    seeds = max((s["n"] for s in row_spread.values()), default=1)
-    # ablations: MaskLLM's in-domain PPL across pipeline states that differ in one param
-    points = sweeps.sweep_points(params, dataset, f"ppl.maskllm.{dataset}", states)
-    best = best_one_shot(in_domain)
-    refs = {r: in_domain[r] for r in dict.fromkeys(("dense", best, "sparsegpt", "sparsegpt_maskonly")) if r in in_domain}
+    domains = [dataset] + [d for d in params.evaluate.domains if d != dataset]
+
+    def row_spread(domain: str) -> dict[str, dict]:
+        return {row: spread[f"ppl.{row}.{domain}"] for row in table if f"ppl.{row}.{domain}" in spread}
+
+    seeds = max((s["n"] for s in row_spread(dataset).values()), default=1)
+    # ablations: MaskLLM across pipeline states that differ in one param; a sweep is one with
+    # two or more in-domain points, drawn and tabled on every domain
+    runs = sweeps.sweep_runs(params, dataset, f"ppl.maskllm.{dataset}", states)
+    panels = {param: [] for param in runs}
+    for domain in domains:
+        ppl = {row: t[domain] for row, t in table.items() if domain in t}
+        best = best_one_shot(ppl)
+        refs = {r: ppl[r] for r in dict.fromkeys(("dense", best, "sparsegpt", "sparsegpt_maskonly")) if r in ppl}
+        points = sweeps.sweep_points(params, dataset, f"ppl.maskllm.{domain}", states)
+        for param in runs:
+            if len(points.get(param, [])) >= 2:
+                panels[param].append({"domain": domain, "in_domain": domain == dataset, "points": points[param],
+                                      "references": refs, "spread": row_spread(domain)})
     transfers = {d: sweeps.transfer_bars(d, learned, table, dataset) for d, learned in sweeps.transfer_states(params).items()}
     with atomic_dir(PLOTS / "sweeps") as tmp:
-        for param, pts in points.items():
-            plots.sweep(param, pts, refs, tmp / f"{param.replace('.', '_')}.png", dpi,
-                        current=sweeps.current_value(params, param), spread=row_spread)
+        for param, points in runs.items():
+            name = param.replace(".", "_")
+            current = sweeps.current_value(params, param)
+            plots.sweep(param, panels[param], tmp / f"{name}.png", dpi, current=current)
+            (tmp / f"{name}.md").write_text(
+                f"# MaskLLM against `{param}` ({dataset} in domain)\n\n"
+                "Each point differs from the current params in this param alone (the latest run of each);\n"
+                "gap closed: of the gap between the best one-shot row (named) and dense, in domain.\n\n"
+                + sweeps.sweep_table(param, points, dataset, domains, current, spread) + "\n")
         for domain, (bars, dense) in transfers.items():
             plots.transfer(domain, bars, dense, tmp / f"transfer_{domain}.png", dpi)
         if seeds > 1:
-            plots.seed_spread(in_domain, row_spread, dataset, tmp / "seeds.png", dpi, seed_values)
+            plots.seed_spread(in_domain, row_spread(dataset), dataset, tmp / "seeds.png", dpi, seed_values)
         near = sweeps.neighbours(params, dataset, states)
         (tmp / "states.md").write_text(
             f"# MaskLLM in the logged pipeline states near the current params ({dataset})\n\n"
@@ -75,16 +94,16 @@ def main(params):
             "the latest run of each; `reproduce` is the one command that recreates it.\n\n"
             + sweeps.neighbours_table(near, dataset, params.evaluate.domains) + "\n")
         (tmp / "index.md").write_text(
-            "# Ablation figures\n\n" + "".join(f"- `{p}`: {len(v)} values -> {p.replace('.', '_')}.png\n"
-                                                for p, v in points.items())
+            "# Ablation figures\n\n" + "".join(f"- `{p}`: {len(v)} values -> {p.replace('.', '_')}.png, "
+                                                f"{p.replace('.', '_')}.md (table)\n" for p, v in runs.items())
             + "".join(f"- transfer to {d}: {len(b)} masks -> transfer_{d}.png\n" for d, (b, _) in transfers.items())
             + (f"- seeds: {seeds} states of these params ({seed_values}) -> seeds.png\n" if seeds > 1 else "")
             + "- every state within two params of these, with the command that reproduces it -> states.md\n"
-            + ("" if points or transfers or seeds > 1 else
+            + ("" if runs or transfers or seeds > 1 else
                "None yet: queue a sweep (`make sweep-tau`, see the README) or other seeds.\n"))
     figures = sorted(PLOTS.glob("*.png")) + sorted((PLOTS / "sweeps").glob("*.png"))
     sync(params, dataset, [], artifacts=[*figures, HARDEN_STATS, PLOTS / "ppl.csv", CURVE])
-    n = len(points) + len(transfers) + (seeds > 1)
+    n = len(runs) + len(transfers) + (seeds > 1)
     return (f"MLflow parent {report.parent[:8]}: {len(report.created)} run(s) logged, {len(report.replaced)} replaced, "
             f"{report.kept} already there; {n} sweep figure(s); {seeds} seed(s) of this state")
 

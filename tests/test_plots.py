@@ -59,11 +59,16 @@ def test_ppl_figure_names_the_best_one_shot_row_and_its_labels_do_not_overlap(fi
     assert [t.get_text() for t in ax.get_yticklabels()] == [plots.label(r) for r in plots.ROWS if r in ppl and r != "dense"]
 
 
+def panel(domain, points, references, spread=None, in_domain=False):
+    return {"domain": domain, "in_domain": in_domain, "points": points, "references": references, "spread": spread or {}}
+
+
 def test_sweep_figure_draws_the_seed_spread(figures, tmp_path):
     spread = {"maskllm": {"min": 34.0, "max": 39.0, "n": 3}, "sparsegpt": {"min": 49.0, "max": 53.0, "n": 3},
               "dense": {"min": 14.01, "max": 14.01, "n": 3}}
-    plots.sweep("learn.tau", [(1.0, 45.0), (4.0, 36.09), (8.0, 40.0)], {"dense": 14.01, "sparsegpt": 50.61},
-                tmp_path / "s.png", current=4.0, spread=spread)
+    plots.sweep("learn.tau", [panel("wiki", [(1.0, 45.0), (4.0, 36.09), (8.0, 40.0)],
+                                    {"dense": 14.01, "sparsegpt": 50.61}, spread, in_domain=True)],
+                tmp_path / "s.png", current=4.0)
     ax = figures[-1].axes[0]
     bar = next(c for c in ax.containers if c.get_label().startswith("MaskLLM over 3 seeds"))
     (segment,) = bar.lines[2][0].get_segments()
@@ -72,10 +77,32 @@ def test_sweep_figure_draws_the_seed_spread(figures, tmp_path):
     assert len(bands) == 2  # sparsegpt (49-53) and dense (a zero-width band)
     assert sorted(round(p.get_extents().height, 0) > 0 for p in bands) == [False, True]
     assert not overlap(labels(figures[-1], ax.yaxis))
-    plots.sweep("learn.tau", [(1.0, 45.0), (4.0, 36.09)], {"dense": 14.01}, tmp_path / "s.png", current=4.0,
-                spread={"maskllm": {"min": 36.09, "max": 36.09, "n": 1}})  # one seed: nothing drawn
+    plots.sweep("learn.tau", [panel("wiki", [(1.0, 45.0), (4.0, 36.09)], {"dense": 14.01},
+                                    {"maskllm": {"min": 36.09, "max": 36.09, "n": 1}})],
+                tmp_path / "s.png", current=4.0)  # one seed: nothing drawn
     ax = figures[-1].axes[0]
     assert not [c for c in ax.containers if c.get_label().startswith("MaskLLM over")] and not ax.patches
+
+
+def test_sweep_figure_has_a_panel_per_domain_with_its_own_references(figures, tmp_path):
+    plots.sweep("learn.prior_strength", [
+        panel("wiki", [(3.0, 36.4), (0.0, 80.0), (1.0, 40.0), (10.0, 37.0)], {"dense": 14.0, "sparsegpt": 49.8},
+              in_domain=True),
+        panel("pydocs", [(3.0, 146.9), (0.0, 300.0), (1.0, 150.0), (10.0, 140.0)], {"dense": 13.0, "wanda": 110.6})],
+        tmp_path / "s.png", current=3.0)
+    fig = figures[-1]
+    wiki, pydocs = fig.axes
+    assert wiki.get_title() == "wiki (in domain)" and pydocs.get_title() == "pydocs (out of domain)"
+    assert sorted(line.get_ydata()[0] for line in pydocs.lines if line.get_linestyle() == "--") == [13.0, 110.6]
+    (curve,) = [line for line in pydocs.lines if line.get_label() == "MaskLLM"]
+    assert list(curve.get_xdata()) == [0.0, 1.0, 3.0, 10.0] and list(curve.get_ydata()) == [300.0, 150.0, 146.9, 140.0]
+    # 0 (no prior) stays on an axis that spreads 1 .. 10 like a log axis, each value labelled
+    assert wiki.get_xscale() == "symlog"
+    fig.canvas.draw()
+    assert [t.get_text() for t in wiki.get_xticklabels()] == ["0", "1", "3", "10"]
+    plots.sweep("learn.tau", [panel("wiki", [(1.0, 45.0), (4.0, 36.09), (8.0, 40.0)], {"dense": 14.0})],
+                tmp_path / "s.png", current=4.0)
+    assert figures[-1].axes[0].get_xscale() == "log"
 
 
 def test_zeroshot_figure_marks_chance_and_standard_errors(figures, tmp_path):

@@ -96,6 +96,30 @@ def test_a_state_without_prior_is_a_point_of_both_prior_sweeps(store):
         "learn.prior": [("sparsegpt", 40.0), ("none", 70.0), ("wanda", 50.0)]}
 
 
+def test_sweep_table_orders_the_points_and_gives_gap_and_command(store, monkeypatch):
+    for name, p, maskllm in [("current", params(), 40.0), ("none", params(prior="none"), 60.0),
+                             ("alpha10", params(prior_strength=10.0), 38.0)]:
+        log_state(store, p, {"maskllm": maskllm, "sparsegpt": 50.0, "wanda": 45.0, "dense": 15.0}, name)
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "def456")
+    log_state(store, params(learn_seed=1), {"maskllm": 43.0}, "seed1")
+    current = params()
+    runs = sweeps.sweep_runs(current, "wiki", "ppl.maskllm.wiki")
+    spread = sweeps.seed_spread(current, "wiki")
+    table = sweeps.sweep_table("learn.prior_strength", runs["learn.prior_strength"], "wiki", ["wiki", "pydocs"], 3.0,
+                               spread).splitlines()
+    assert table[0] == ("| `learn.prior_strength` | MaskLLM wiki (in domain) | gap closed (wiki) | MaskLLM pydocs "
+                        "| reproduce |")
+    # in order of the value; gap against the best one-shot row, Wanda: (45 - 38) / (45 - 15)
+    assert table[2:] == [
+        "| 0.0 | 60.00 | -50.0 % of Wanda | — | `dvc exp run -S learn.prior_strength=0.0` |",
+        "| **3.0** (current) | 40.00 | 16.7 % of Wanda | — | `dvc repro` |",
+        "| 10.0 | 38.00 | 23.3 % of Wanda | — | `dvc exp run -S learn.prior_strength=10.0` |",
+        "| current, 2 seeds (min–max) | 40.00–43.00 | | — | |"]
+    prior = sweeps.sweep_table("learn.prior", runs["learn.prior"], "wiki", ["wiki"], "sparsegpt").splitlines()
+    assert [row.split(" | ")[0] for row in prior[2:]] == ["| none", "| **sparsegpt** (current)"]
+    assert prior[2].endswith("`dvc exp run -S learn.prior=none` |")
+
+
 def test_current_value_is_how_sweep_points_name_it():
     assert sweeps.current_value(params(tau=2.0), "learn.tau") == 2.0
     assert sweeps.current_value(params(), "learn.steps") == 64
