@@ -188,7 +188,8 @@ def _sweep_panel(ax, param: str, panel: dict, current: object) -> None:
     ax.set_ylabel("test PPL")  # no x label: the title above the panels names the param, the ticks its values
     ax.set_title(f"{panel['domain']} ({'in domain' if panel.get('in_domain') else 'out of domain'})", fontsize=9)
     # below the axes: inside, it hid the bars of a categorical sweep (learn.prior)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, borderaxespad=0)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1 if numeric else -0.2), ncol=2, borderaxespad=0)
+    ax.margins(x=0.1)  # room for the value labels of the end points
     ax.grid(alpha=0.3)
 
 
