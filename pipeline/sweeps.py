@@ -122,6 +122,15 @@ def sweep_points(params, dataset: str, metric: str, parents: list | None = None)
             for swept, points in sweep_runs(params, dataset, metric, parents).items()}
 
 
+def _ppl_in(metrics: dict[str, float], domain: str) -> dict[str, float]:
+    """A state's PPL of every row on ``domain``, from its parent's ``ppl.<row>.<domain>`` metrics."""
+    return {k.split(".")[1]: v for k, v in metrics.items() if k.startswith("ppl.") and k.endswith(f".{domain}")}
+
+
+def _maskllm_cells(metrics: dict[str, float], domains: list[str]) -> list[str]:
+    return [f"{metrics[f'ppl.maskllm.{d}']:,.2f}" if f"ppl.maskllm.{d}" in metrics else "—" for d in domains]
+
+
 def sweep_table(param: str, points: dict[str, tuple[dict, object]], dataset: str, domains: list[str],
                 current, spread: dict[str, dict] | None = None) -> str:
     """Markdown: one row per value of ``param`` (sweep_runs), in order: MaskLLM's in-domain PPL, the
@@ -134,8 +143,8 @@ def sweep_table(param: str, points: dict[str, tuple[dict, object]], dataset: str
     for key in sorted(points, key=lambda k: _value(k) if numeric else k):
         p, run = points[key]
         m = run.data.metrics
-        gap = gap_closed({k.split(".")[1]: v for k, v in m.items() if k.startswith("ppl.") and k.endswith(f".{dataset}")})
-        cells = [f"{m[f'ppl.maskllm.{d}']:,.2f}" if f"ppl.maskllm.{d}" in m else "—" for d in cols]
+        gap = gap_closed(_ppl_in(m, dataset))
+        cells = _maskllm_cells(m, cols)
         here = _value(key) == current
         sets = {param: p[param]}
         if param == "learn.prior" and p.get("learn.prior") == "file":
@@ -167,7 +176,7 @@ def transfer_states(params) -> dict[str, list[dict]]:
             p, metrics = run.data.params, run.data.metrics
             if p.get("data.source") != domain or not _matches(p, current, TRANSFER_FREE, defaults):
                 continue
-            ppl = {k.split(".")[1]: v for k, v in metrics.items() if k.startswith("ppl.") and k.endswith(f".{domain}")}
+            ppl = _ppl_in(metrics, domain)
             if "maskllm" in ppl:
                 states[prior_label(p)] = {"prior": prior_label(p), "ppl": ppl}  # latest run per prior
         if any(label.startswith("file:") for label in states):
@@ -279,10 +288,9 @@ def neighbours_table(rows: list[dict], dataset: str, domains: list[str]) -> str:
              + f" | gap closed ({dataset}) | reproduce |", "|---" * (len(cols) + 3) + "|"]
     for r in rows:
         m = r["metrics"]
-        ppl = {k.split(".")[1]: v for k, v in m.items() if k.startswith("ppl.") and k.endswith(f".{dataset}")}
-        gap = gap_closed(ppl)
+        gap = gap_closed(_ppl_in(m, dataset))
         change = ", ".join(f"`{k}={v}`" for k, v in r["changes"].items()) or "(current)"
-        cells = [f"{m[f'ppl.maskllm.{d}']:,.2f}" if f"ppl.maskllm.{d}" in m else "—" for d in cols]
+        cells = _maskllm_cells(m, cols)
         lines.append(f"| {change} | " + " | ".join(cells) + f" | {'—' if gap is None else f'{100 * gap[0]:.1f} %'} | "
                      f"`{command(r['sets'])}` |")
     return "\n".join(lines)
