@@ -7,12 +7,12 @@ DVC cannot know what MLflow holds: a cached evaluation logs nothing, and a new p
 import json
 from pathlib import Path
 
-from pipeline import plots, sweeps
+from pipeline import ledger, plots, sweeps
 from pipeline.io import atomic_dir
 from pipeline.results import best_one_shot
 from pipeline.rows import ROWS
 from pipeline.stage import run_stage
-from pipeline.tracking import Result, StageResult, ZeroShotResult, sync
+from pipeline.tracking import Result, StageResult, ZeroShotResult, client, sync
 
 METRICS, PLOTS = Path("metrics"), Path("plots")
 CURVE, HARDEN_STATS, LEARN = PLOTS / "learn_curve.csv", Path("artifacts/harden/stats.json"), METRICS / "learn.json"
@@ -43,6 +43,9 @@ def main(params):
     if not results:
         raise FileNotFoundError(f"no results under {METRICS}/<row>/; run `dvc repro` first")
     learn = json.loads(LEARN.read_text()) if LEARN.is_file() else {}
+    # a fresh clone's store is empty: the committed ledger brings back every state first, so the
+    # current state finds its parent and the figures keep the states not rerun here
+    restored = ledger.load(client())
     report = sync(params, dataset, results, curve_file=CURVE, curve_provenance=learn.get("provenance"))
 
     table = {}
@@ -103,9 +106,11 @@ def main(params):
                "None yet: queue a sweep (`make sweep-tau`, see the README) or other seeds.\n"))
     figures = sorted(PLOTS.glob("*.png")) + sorted((PLOTS / "sweeps").glob("*.png"))
     sync(params, dataset, [], artifacts=[*figures, HARDEN_STATS, PLOTS / "ppl.csv", CURVE])
+    recorded = ledger.save(client())
     n = len(runs) + len(transfers) + (seeds > 1)
     return (f"MLflow parent {report.parent[:8]}: {len(report.created)} run(s) logged, {len(report.replaced)} replaced, "
-            f"{report.kept} already there; {n} sweep figure(s); {seeds} seed(s) of this state")
+            f"{report.kept} already there; {n} sweep figure(s); {seeds} seed(s) of this state; "
+            f"{ledger.LEDGER}: {recorded} state(s), {restored} restored into MLflow")
 
 
 if __name__ == "__main__":

@@ -170,6 +170,16 @@ def test_learn_ablation_reruns_only_the_maskllm_branch_and_logs_a_new_state(micr
     assert len(mlflow_runs(micro_copy)) == count
     names = mlflow_runs(micro_copy, "pipeline").set_index("params.learn.tau").loc["2.0", "tags.dvc_exp_names"]
     assert len(names.split(",")) == 2  # both experiment names are on the one parent
+    # a fresh clone has an empty MLflow store: track restores both states from the committed
+    # ledger, the current one finds its parent again, and the tau figure keeps both points
+    ledger = json.loads((micro_copy / "plots" / "states.json").read_text())
+    assert sorted(e["params"]["learn.tau"] for e in ledger["states"]) == ["2.0", "4.0"]
+    (micro_copy / "mlflow.db").unlink()
+    fresh = dvc(micro_copy, "repro")
+    assert stages_run(fresh.stdout) == ALWAYS, fresh.stdout
+    assert "plots/states.json: 2 state(s), 2 restored into MLflow" in fresh.stdout
+    assert sorted(mlflow_runs(micro_copy, "pipeline")["params.learn.tau"]) == ["2.0", "4.0"]
+    assert "`learn.tau`: 2 values" in (micro_copy / "plots" / "sweeps" / "index.md").read_text()
 
 
 def test_a_learned_mask_as_prior_reruns_only_the_maskllm_branch(micro_copy):
