@@ -79,30 +79,66 @@ def parents(c) -> dict[str, list]:
     return out
 
 
-def restore(c, entries) -> int:
-    """Create in MLflow every ledger state the store lacks (with its start time, params, metrics
-    and tags, under its ledger id); returns how many."""
-    from mlflow.entities import Metric
+def _identity(run_or_tags) -> tuple:
+    """What makes two parents one pipeline state (pipeline/tracking.Pipeline.open): params and commit."""
+    tags = run_or_tags if isinstance(run_or_tags, dict) else run_or_tags.data.tags
+    return tags.get("params_hash"), tags.get("baseline_rev")
 
+
+def restore(c, entries) -> int:
+    """Bring into MLflow every ledger state the store lacks (with its start time, params, metrics
+    and tags, under its ledger id); returns how many.
+
+    A state the store already holds under a run of its own, without a ledger id, is merged into
+    that run rather than created twice: in a fresh clone, a stage that logs live (``learn``) opens
+    the current state's parent before ``track`` restores the ledger, and two parents of one state
+    would split its results (the one holds the learn curves, the other the PPLs) and give the
+    sweeps and the seed spread a state without results."""
     from pipeline.tracking import _log_params, artifact_location
 
-    held = {state_id(r) for runs in parents(c).values() for r in runs}
+    runs = {name: list(rs) for name, rs in parents(c).items()}
+    held = {state_id(r) for rs in runs.values() for r in rs}
     created = 0
     for e in _order(entries):
         if e["id"] in held:
             continue
-        exp = c.get_experiment_by_name(e["experiment"])
-        exp_id = exp.experiment_id if exp else c.create_experiment(e["experiment"], artifact_location=artifact_location())
-        run = c.create_run(exp_id, start_time=e["start_time"], run_name=e.get("run_name"),
-                           tags={**e["tags"], "role": ROLE, "ledger_id": e["id"]})
-        _log_params(c, run.info.run_id, e["params"])
-        metrics = [Metric(k, float(v), e["start_time"] or 0, 0) for k, v in e["metrics"].items()]
-        for i in range(0, len(metrics), 500):  # MLflow's batch limit
-            c.log_batch(run.info.run_id, metrics=metrics[i:i + 500])
-        c.set_terminated(run.info.run_id, e.get("status") or "FINISHED", end_time=e.get("end_time"))
+        twin = next((r for r in runs.get(e["experiment"], []) if "ledger_id" not in r.data.tags
+                     and _identity(r) == _identity(e["tags"]) and None not in _identity(r)), None)
+        if twin is not None:
+            _merge(c, twin, e)
+        else:
+            exp = c.get_experiment_by_name(e["experiment"])
+            exp_id = exp.experiment_id if exp else c.create_experiment(e["experiment"], artifact_location=artifact_location())
+            run = c.create_run(exp_id, start_time=e["start_time"], run_name=e.get("run_name"),
+                               tags={**e["tags"], "role": ROLE, "ledger_id": e["id"]})
+            _log_params(c, run.info.run_id, e["params"])
+            _log_metrics(c, run.info.run_id, e["metrics"], e["start_time"])
+            c.set_terminated(run.info.run_id, e.get("status") or "FINISHED", end_time=e.get("end_time"))
         held.add(e["id"])
         created += 1
     return created
+
+
+def _log_metrics(c, run_id: str, metrics: dict[str, float], timestamp) -> None:
+    from mlflow.entities import Metric
+
+    batch = [Metric(k, float(v), timestamp or 0, 0) for k, v in metrics.items()]
+    for i in range(0, len(batch), 500):  # MLflow's batch limit
+        c.log_batch(run_id, metrics=batch[i:i + 500])
+
+
+def _merge(c, run, e: dict) -> None:
+    """The ledger state ``e`` into ``run``, the same state opened in this store before the ledger was
+    restored: the run keeps what it has (its params are this checkout's, its results the newer) and
+    takes the ledger's id and whatever else it lacks."""
+    from pipeline.tracking import _log_params
+
+    rid = run.info.run_id
+    _log_params(c, rid, {k: v for k, v in e["params"].items() if k not in run.data.params})
+    _log_metrics(c, rid, {k: v for k, v in e["metrics"].items() if k not in run.data.metrics}, e["start_time"])
+    for k, v in {**e["tags"], "ledger_id": e["id"]}.items():
+        if k not in run.data.tags or k == "ledger_id":
+            c.set_tag(rid, k, v)
 
 
 def load(c, path: Path = LEDGER) -> int:

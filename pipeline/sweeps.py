@@ -212,13 +212,15 @@ def spread(values: list[float]) -> dict:
 
 def seed_states(params, dataset: str, parents: list | None = None) -> list:
     """The parents that differ from the current state in the seeds alone, the latest per seed
-    pair (the current state's own parent among them once it is logged)."""
+    pair that holds results (the current state's own parent among them once it is logged; a parent
+    without any PPL yet, e.g. opened by a running ``learn``, would hide an earlier run's results)."""
     parents = states(params, dataset) if parents is None else parents
     current, defaults = _relevant(params), _defaults()
     latest = {}
     for run in parents:  # oldest first: a later run of the same seeds replaces an earlier one
         p = run.data.params
-        if _matches(p, current, SEEDS, defaults):
+        has_results = any(k.startswith("ppl.") for k in run.data.metrics)
+        if has_results and _matches(p, current, SEEDS, defaults):
             latest[tuple(p.get(k, defaults.get(k)) for k in SEEDS)] = run
     return list(latest.values())
 

@@ -96,3 +96,40 @@ def test_a_broken_ledger_is_named_with_its_fix(tmp_path, text, says):
 
 def test_no_ledger_yet_is_empty(tmp_path):
     assert ledger.read(tmp_path / "none.json") == []
+
+
+def test_a_parent_opened_before_the_ledger_is_merged_not_doubled(logged, monkeypatch):
+    """A fresh clone whose ``learn`` reruns: it opens the current state's parent (for its live
+    curves) in the empty store before ``track`` restores the ledger; the ledger's entry for that
+    state must land in that parent, or the state splits in two and the newer, result-less parent
+    hides the results from the seed spread."""
+    path = logged / "states.json"
+    ledger.save(tracking.client(), path)
+    before = {e["params"]["learn.tau"]: e for e in ledger.read(path)}
+    use_store(monkeypatch, logged / "fresh.db")
+    c = tracking.client()
+    monkeypatch.setenv("DVC_EXP_NAME", "current")
+    opened = tracking.Pipeline.open(params(), "wiki")  # what learn does first; no results yet
+    assert opened.created
+    assert ledger.load(c, path) == 3
+    by_tau = {r.data.params["learn.tau"]: r for runs in ledger.parents(c).values() for r in runs}
+    assert len(states_by_id(c)) == 3  # the opened parent took the ledger's state: no fourth run
+    merged = by_tau["4.0"]
+    assert merged.info.run_id == opened.run_id and ledger.state_id(merged) == before["4.0"]["id"]
+    assert merged.data.metrics["ppl.maskllm.wiki"] == 40.0  # the ledger's results, now in that run
+    # the seed spread of the current state is its own result, not hidden by a result-less twin
+    assert sweeps.seed_spread(params(), "wiki")["ppl.maskllm.wiki"]["n"] == 1
+    assert tracking.Pipeline.open(params(), "wiki").run_id == opened.run_id
+    assert ledger.load(c, path) == 0 and ledger.save(c, path) == 3
+
+
+def test_the_seed_spread_skips_a_parent_without_results(logged):
+    """A parent with no PPL yet (a learn running, or one that failed) is not a seed state: the
+    latest run of the seed pair that holds results stands for it."""
+    c = tracking.client()
+    exp = c.get_experiment_by_name(next(iter(ledger.parents(c))))
+    c.create_run(exp.experiment_id, tags={"role": "pipeline", "params_hash": "other", "baseline_rev": "later"})
+    run = c.search_runs([exp.experiment_id], "tags.params_hash = 'other'")[0]
+    tracking._log_params(c, run.info.run_id, tracking.flat_params(params()))
+    states = sweeps.seed_states(params(), "wiki")
+    assert [s.data.metrics.get("ppl.maskllm.wiki") for s in states] == [40.0]
