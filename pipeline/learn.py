@@ -203,7 +203,7 @@ class Checkpoint:
         return int(meta["step"]), list(meta["curve"])
 
     def clear(self) -> None:
-        """Remove every checkpoint (the folder stays: DVC declares it as an output)."""
+        """Remove every checkpoint (the folder stays, empty: the next run resumes from nothing)."""
         for path in self.folder.iterdir() if self.folder.is_dir() else []:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
