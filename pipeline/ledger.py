@@ -106,6 +106,7 @@ def restore(c, entries) -> int:
                      and _identity(r) == _identity(e["tags"]) and None not in _identity(r)), None)
         if twin is not None:
             _merge(c, twin, e)
+            runs[e["experiment"]].remove(twin)  # one ledger state per run: a second twin entry gets its own
         else:
             exp = c.get_experiment_by_name(e["experiment"])
             exp_id = exp.experiment_id if exp else c.create_experiment(e["experiment"], artifact_location=artifact_location())
