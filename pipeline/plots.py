@@ -138,9 +138,10 @@ def sweep(param: str, panels: list[dict], path: Path, dpi: int = 150, current: o
     the one-shot rows and dense of that domain as reference lines.
 
     panels: ``{"domain", "in_domain", "points": [(value, PPL)], "references": {row: PPL},
-    "spread": {row: {"min", "max", "n"}}}`` (sweeps.seed_spread of that domain): the current state
-    under other seeds, drawn as an error bar at MaskLLM's ``current`` value and as bands around the
-    references.
+    "spread": {row: {"min", "max", "n"}}, "point_spread": {value: {"min", "max", "n"}}}``: ``spread``
+    (sweeps.seed_spread of that domain) is the current state under other seeds, drawn as an error bar
+    at MaskLLM's ``current`` value and as bands around the references; ``point_spread`` (optional,
+    sweeps.point_spreads) the same for other points run under several seeds, as error bars there.
     """
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 0.6, 4.2), squeeze=False)
     for ax, panel in zip(axes[0], panels):
@@ -173,17 +174,21 @@ def _sweep_panel(ax, param: str, panel: dict, current: object) -> None:
     for i, (x, y) in enumerate(points):
         ax.annotate(f"{y:.1f}", (x if numeric else i, y), textcoords="offset points", xytext=(6, 4), ha="left",
                     fontsize=7)
-    s = spread.get("maskllm")
-    if s and s["n"] > 1 and current in xs:
-        y = ys[xs.index(current)]
-        at = current if numeric else xs.index(current)
-        ax.errorbar([at], [y], yerr=[[y - s["min"]], [s["max"] - y]], fmt="none", ecolor="k", capsize=4, lw=1.2,
-                    label=f"MaskLLM over {s['n']} seeds")
+    # min-max over seeds at every point run under several: the current one's (spread), the others' own
+    ranges = {**(panel.get("point_spread") or {}), current: spread.get("maskllm")}
+    for x, s in ranges.items():
+        if not (s and s["n"] > 1 and x in xs):
+            continue
+        y = ys[xs.index(x)]
+        ax.errorbar([x if numeric else xs.index(x)], [y], yerr=[[y - s["min"]], [s["max"] - y]], fmt="none",
+                    ecolor="k", capsize=4, lw=1.2, label=f"MaskLLM over {s['n']} seeds" if x == current
+                    else f"MaskLLM at {x:g} over {s['n']} seeds" if numeric else f"MaskLLM at {x} over {s['n']} seeds")
     for row, v in references.items():
         _band(ax, row, spread.get(row))
         ax.axhline(v, ls="--", lw=1, color=COLORS.get(row, "k"), label=f"{label(row)} {v:.1f}")
     ax.set_yscale("log")
-    values = ys + list(references.values()) + [b for s in spread.values() if s["n"] > 1 for b in (s["min"], s["max"])]
+    values = ys + list(references.values()) + [b for s in [*spread.values(), *(v for v in ranges.values() if v)]
+                                               if s["n"] > 1 for b in (s["min"], s["max"])]
     plain_log_axis(ax.yaxis, min(values), max(values))  # PPLs are read as values
     ax.set_ylabel("test PPL")  # no x label: the title above the panels names the param, the ticks its values
     ax.set_title(f"{panel['domain']} ({'in domain' if panel.get('in_domain') else 'out of domain'})", fontsize=9)

@@ -132,15 +132,18 @@ def _maskllm_cells(metrics: dict[str, float], domains: list[str]) -> list[str]:
 
 
 def sweep_table(param: str, points: dict[str, tuple[dict, object]], dataset: str, domains: list[str],
-                current, spread: dict[str, dict] | None = None) -> str:
+                current, spread: dict[str, dict] | None = None,
+                point_spread: dict[object, dict[str, dict]] | None = None) -> str:
     """Markdown: one row per value of ``param`` (sweep_runs), in order: MaskLLM's in-domain PPL, the
     gap it closes there, its PPL on the other domains and the one command that reproduces the
-    point; ``spread`` (seed_spread) adds the range of the current point over seeds."""
+    point; ``spread`` (seed_spread) adds the range of the current point over seeds, ``point_spread``
+    (point_spreads of this sweep) that of every other point run under several seeds."""
     cols = [dataset] + [d for d in domains if d != dataset]
     lines = [f"| `{param}` | MaskLLM {dataset} (in domain) | gap closed ({dataset}) | "
-             + " | ".join(f"MaskLLM {d}" for d in cols[1:]) + " | reproduce |", "|---" * (len(cols) + 3) + "|"]
+             + "".join(f"MaskLLM {d} | " for d in cols[1:]) + "reproduce |", "|---" * (len(cols) + 3) + "|"]
     numeric = all(isinstance(_value(k), (int, float)) for k in points)
-    for key in sorted(points, key=lambda k: _value(k) if numeric else k):
+    ordered = sorted(points, key=lambda k: _value(k) if numeric else k)
+    for key in ordered:
         p, run = points[key]
         m = run.data.metrics
         gap = gap_closed(_ppl_in(m, dataset))
@@ -151,11 +154,14 @@ def sweep_table(param: str, points: dict[str, tuple[dict, object]], dataset: str
             sets["learn.prior_file"] = p["learn.prior_file"]
         value = f"**{key}** (current)" if here else key
         lines.append(f"| {value} | {cells[0]} | {'—' if gap is None else f'{100 * gap[0]:.1f} % of {label(gap[1])}'} | "
-                     + " | ".join(cells[1:]) + f" | `{'dvc repro' if here else command(sets)}` |")
-    s = {d: (spread or {}).get(f"ppl.maskllm.{d}") for d in cols}
-    if s[dataset] and s[dataset]["n"] > 1:
-        rng = [f"{s[d]['min']:,.2f}–{s[d]['max']:,.2f}" if s[d] else "—" for d in cols]
-        lines.append(f"| current, {s[dataset]['n']} seeds (min–max) | {rng[0]} | | " + " | ".join(rng[1:]) + " | |")
+                     + "".join(f"{c} | " for c in cells[1:]) + f"`{'dvc repro' if here else command(sets)}` |")
+    ranges = [("current", spread or {})] + [(key, (point_spread or {}).get(_value(key), {})) for key in ordered
+                                            if _value(key) != current]
+    for name, metrics in ranges:
+        s = {d: metrics.get(f"ppl.maskllm.{d}") for d in cols}
+        if s[dataset] and s[dataset]["n"] > 1:
+            rng = [f"{s[d]['min']:,.2f}–{s[d]['max']:,.2f}" if s[d] else "—" for d in cols]
+            lines.append(f"| {name}, {s[dataset]['n']} seeds (min–max) | {rng[0]} | | " + "".join(f"{r} | " for r in rng[1:]) + "|")
     return "\n".join(lines)
 
 
@@ -215,14 +221,44 @@ def seed_states(params, dataset: str, parents: list | None = None) -> list:
     pair that holds results (the current state's own parent among them once it is logged; a parent
     without any PPL yet, e.g. opened by a running ``learn``, would hide an earlier run's results)."""
     parents = states(params, dataset) if parents is None else parents
-    current, defaults = _relevant(params), _defaults()
+    return _seed_runs(_relevant(params), parents, _defaults())
+
+
+def _seed_runs(centre: dict[str, str], parents: list, defaults: dict[str, str]) -> list:
+    """The parents that differ from ``centre`` (flat params) in the seeds alone, latest per seed pair with results."""
     latest = {}
     for run in parents:  # oldest first: a later run of the same seeds replaces an earlier one
         p = run.data.params
         has_results = any(k.startswith("ppl.") for k in run.data.metrics)
-        if has_results and _matches(p, current, SEEDS, defaults):
+        if has_results and _matches(p, centre, SEEDS, defaults):
             latest[tuple(p.get(k, defaults.get(k)) for k in SEEDS)] = run
     return list(latest.values())
+
+
+def _metric_spreads(runs: list) -> dict[str, dict]:
+    values: dict[str, list[float]] = {}
+    for run in runs:
+        for k, v in run.data.metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                values.setdefault(k, []).append(float(v))
+    return {k: spread(v) for k, v in values.items()}
+
+
+def point_spreads(params, dataset: str, parents: list | None = None) -> dict[str, dict[object, dict[str, dict]]]:
+    """For each sweep (sweep_runs): {value: {metric: spread}} of every point that ran under more than one
+    seed pair, over that point's own seed states (as seed_spread gives the current point's): a point
+    off the current value is then compared with the current one by both spreads, not by one run."""
+    parents = states(params, dataset) if parents is None else parents
+    current, defaults = _relevant(params), _defaults()
+    out = {}
+    for swept, points in sweep_runs(params, dataset, f"ppl.maskllm.{dataset}", parents).items():
+        for key, (_, run) in points.items():
+            # the run's own params (a no-prior point is not rewritten here), on the current keys
+            centre = {k: run.data.params.get(k, defaults.get(k)) for k in current}
+            seeds = _seed_runs(centre, parents, defaults)
+            if len(seeds) > 1:
+                out.setdefault(swept, {})[_value(key)] = _metric_spreads(seeds)
+    return out
 
 
 def seed_values(states: list) -> dict[str, list[int]]:
@@ -240,12 +276,7 @@ def describe_seeds(values: dict[str, list[int]]) -> str:
 def seed_spread(params, dataset: str, parents: list | None = None) -> dict[str, dict]:
     """Every metric of the current state's seed states -> its spread over them,
     e.g. ``{"ppl.maskllm.wiki": {"mean", "min", "max", "std", "n"}}`` (n = seeds with that metric)."""
-    values: dict[str, list[float]] = {}
-    for run in seed_states(params, dataset, parents):
-        for k, v in run.data.metrics.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                values.setdefault(k, []).append(float(v))
-    return {k: spread(v) for k, v in values.items()}
+    return _metric_spreads(seed_states(params, dataset, parents))
 
 
 def neighbours(params, dataset: str, parents: list | None = None, max_changes: int = 2) -> list[dict]:

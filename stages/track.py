@@ -65,6 +65,7 @@ def main(params):
     # ablations: MaskLLM across pipeline states that differ in one param; a sweep is one with
     # two or more in-domain points, drawn and tabled on every domain
     runs = sweeps.sweep_runs(params, dataset, f"ppl.maskllm.{dataset}", states)
+    point_spreads = sweeps.point_spreads(params, dataset, states)
     panels = {param: [] for param in runs}
     for domain in domains:
         ppl = {row: t[domain] for row, t in table.items() if domain in t}
@@ -73,8 +74,10 @@ def main(params):
         points = sweeps.sweep_points(params, dataset, f"ppl.maskllm.{domain}", states)
         for param in runs:
             if len(points.get(param, [])) >= 2:
+                own = {x: m[f"ppl.maskllm.{domain}"] for x, m in point_spreads.get(param, {}).items()
+                       if f"ppl.maskllm.{domain}" in m}
                 panels[param].append({"domain": domain, "in_domain": domain == dataset, "points": points[param],
-                                      "references": refs, "spread": row_spread(domain)})
+                                      "references": refs, "spread": row_spread(domain), "point_spread": own})
     transfers = {d: sweeps.transfer_bars(d, learned, table, dataset) for d, learned in sweeps.transfer_states(params).items()}
     with atomic_dir(PLOTS / "sweeps") as tmp:
         for param, points in runs.items():
@@ -85,7 +88,7 @@ def main(params):
                 f"# MaskLLM against `{param}` ({dataset} in domain)\n\n"
                 "Each point differs from the current params in this param alone (the latest run of each);\n"
                 "gap closed: of the gap between the best one-shot row (named) and dense, in domain.\n\n"
-                + sweeps.sweep_table(param, points, dataset, domains, current, spread) + "\n")
+                + sweeps.sweep_table(param, points, dataset, domains, current, spread, point_spreads.get(param)) + "\n")
         for domain, (bars, dense) in transfers.items():
             plots.transfer(domain, bars, dense, tmp / f"transfer_{domain}.png", dpi)
         if seeds > 1:

@@ -84,6 +84,20 @@ def test_sweep_figure_draws_the_seed_spread(figures, tmp_path):
     assert not [c for c in ax.containers if c.get_label().startswith("MaskLLM over")] and not ax.patches
 
 
+def test_sweep_figure_draws_the_spread_of_other_points_run_under_several_seeds(figures, tmp_path):
+    wiki = panel("wiki", [(30.0, 43.5), (100.0, 34.1), (1000.0, 30.6)], {"dense": 14.0},
+                 {"maskllm": {"min": 34.1, "max": 39.0, "n": 3}}, in_domain=True)
+    wiki["point_spread"] = {1000.0: {"min": 29.0, "max": 31.5, "n": 3}, 30.0: {"min": 43.5, "max": 43.5, "n": 1}}
+    plots.sweep("learn.kappa", [wiki], tmp_path / "s.png", current=100.0)
+    ax = figures[-1].axes[0]
+    bars = {c.get_label(): c.lines[2][0].get_segments()[0].tolist() for c in ax.containers
+            if c.get_label().startswith("MaskLLM")}
+    # one seed (kappa 30): no bar; the current point's and kappa 1000's own, each min to max
+    assert bars == {"MaskLLM over 3 seeds": [[100.0, 34.1], [100.0, 39.0]],
+                    "MaskLLM at 1000 over 3 seeds": [[1000.0, 29.0], [1000.0, 31.5]]}
+    assert ax.get_ylim()[0] < 29.0  # the axis holds the whole range
+
+
 def test_sweep_figure_has_a_panel_per_domain_with_its_own_references(figures, tmp_path):
     plots.sweep("learn.prior_strength", [
         panel("wiki", [(3.0, 36.4), (0.0, 80.0), (1.0, 40.0), (10.0, 37.0)], {"dense": 14.0, "sparsegpt": 49.8},

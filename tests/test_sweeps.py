@@ -120,6 +120,35 @@ def test_sweep_table_orders_the_points_and_gives_gap_and_command(store, monkeypa
     assert prior[2].endswith("`dvc exp run -S learn.prior=none` |")
 
 
+def test_a_sweep_point_run_under_several_seeds_has_its_own_spread(store, monkeypatch):
+    refs = {"sparsegpt": 50.0, "dense": 15.0}
+    log_state(store, params(), {"maskllm": 40.0, **refs}, "current")
+    log_state(store, params(kappa=300.0), {"maskllm": 35.0, **refs}, "k300")
+    for seed, maskllm in [(0, 30.0), (1, 33.0), (2, 31.0)]:
+        log_state(store, params(learn_seed=seed, kappa=1000.0), {"maskllm": maskllm, **refs}, f"k1000-{seed}")
+    log_state(store, params(tau=2.0), {"maskllm": 45.0, **refs}, "tau2")
+    log_state(store, params(learn_seed=1, tau=2.0), {"maskllm": 99.0}, "tau2-seed1")  # tau 2 under another seed
+    log_state(store, params(learn_seed=2, tau=2.0, kappa=300.0), {"maskllm": 77.0}, "far")  # nobody's seed
+    current = params()
+    spreads = sweeps.point_spreads(current, "wiki")
+    # kappa 300 and the current point ran under one seed pair each
+    assert {k: list(v) for k, v in spreads.items()} == {"learn.tau": [2.0], "learn.kappa": [1000.0]}
+    assert spreads["learn.tau"][2.0]["ppl.maskllm.wiki"] == pytest.approx(
+        {"mean": 72.0, "min": 45.0, "max": 99.0, "n": 2, "std": statistics.stdev([45.0, 99.0])})
+    assert spreads["learn.tau"][2.0]["ppl.sparsegpt.wiki"]["n"] == 1  # the seed-1 run logged no SparseGPT row
+    assert spreads["learn.kappa"][1000.0]["ppl.maskllm.wiki"] == pytest.approx(
+        {"mean": 94.0 / 3, "min": 30.0, "max": 33.0, "n": 3, "std": statistics.stdev([30.0, 33.0, 31.0])})
+    runs = sweeps.sweep_runs(current, "wiki", "ppl.maskllm.wiki")
+    table = sweeps.sweep_table("learn.kappa", runs["learn.kappa"], "wiki", ["wiki"], 100.0,
+                               sweeps.seed_spread(current, "wiki"), spreads["learn.kappa"]).splitlines()
+    # the point is its run under the current seeds (seed 0); its range follows the table, one cell per column
+    assert table[2:] == ["| **100.0** (current) | 40.00 | 28.6 % of SparseGPT | `dvc repro` |",
+                         "| 300.0 | 35.00 | 42.9 % of SparseGPT | `dvc exp run -S learn.kappa=300.0` |",
+                         "| 1000.0 | 30.00 | 57.1 % of SparseGPT | `dvc exp run -S learn.kappa=1000.0` |",
+                         "| 1000.0, 3 seeds (min–max) | 30.00–33.00 | | |"]
+    assert all(row.count("|") == table[0].count("|") for row in table)
+
+
 def test_current_value_is_how_sweep_points_name_it():
     assert sweeps.current_value(params(tau=2.0), "learn.tau") == 2.0
     assert sweeps.current_value(params(), "learn.steps") == 64
