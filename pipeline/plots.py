@@ -180,9 +180,9 @@ def _sweep_panel(ax, param: str, panel: dict, current: object) -> None:
         if not (s and s["n"] > 1 and x in xs):
             continue
         y = ys[xs.index(x)]
+        where = "" if x == current else f" at {x:g}" if numeric else f" at {x}"
         ax.errorbar([x if numeric else xs.index(x)], [y], yerr=[[y - s["min"]], [s["max"] - y]], fmt="none",
-                    ecolor="k", capsize=4, lw=1.2, label=f"MaskLLM over {s['n']} seeds" if x == current
-                    else f"MaskLLM at {x:g} over {s['n']} seeds" if numeric else f"MaskLLM at {x} over {s['n']} seeds")
+                    ecolor="k", capsize=4, lw=1.2, label=f"MaskLLM{where} over {s['n']} seeds")
     for row, v in references.items():
         _band(ax, row, spread.get(row))
         ax.axhline(v, ls="--", lw=1, color=COLORS.get(row, "k"), label=f"{label(row)} {v:.1f}")

@@ -244,14 +244,17 @@ def _metric_spreads(runs: list) -> dict[str, dict]:
     return {k: spread(v) for k, v in values.items()}
 
 
-def point_spreads(params, dataset: str, parents: list | None = None) -> dict[str, dict[object, dict[str, dict]]]:
-    """For each sweep (sweep_runs): {value: {metric: spread}} of every point that ran under more than one
-    seed pair, over that point's own seed states (as seed_spread gives the current point's): a point
-    off the current value is then compared with the current one by both spreads, not by one run."""
+def point_spreads(params, dataset: str, parents: list | None = None,
+                  runs: dict | None = None) -> dict[str, dict[object, dict[str, dict]]]:
+    """For each sweep (``runs``: sweep_runs on the in-domain PPL, computed when not given): {value:
+    {metric: spread}} of every point that ran under more than one seed pair, over that point's own
+    seed states (as seed_spread gives the current point's): a point off the current value is then
+    compared with the current one by both spreads, not by one run."""
     parents = states(params, dataset) if parents is None else parents
+    runs = sweep_runs(params, dataset, f"ppl.maskllm.{dataset}", parents) if runs is None else runs
     current, defaults = _relevant(params), _defaults()
     out = {}
-    for swept, points in sweep_runs(params, dataset, f"ppl.maskllm.{dataset}", parents).items():
+    for swept, points in runs.items():
         for key, (_, run) in points.items():
             # the run's own params (a no-prior point is not rewritten here), on the current keys
             centre = {k: run.data.params.get(k, defaults.get(k)) for k in current}

@@ -65,7 +65,7 @@ def main(params):
     # ablations: MaskLLM across pipeline states that differ in one param; a sweep is one with
     # two or more in-domain points, drawn and tabled on every domain
     runs = sweeps.sweep_runs(params, dataset, f"ppl.maskllm.{dataset}", states)
-    point_spreads = sweeps.point_spreads(params, dataset, states)
+    point_spreads = sweeps.point_spreads(params, dataset, states, runs)
     panels = {param: [] for param in runs}
     for domain in domains:
         ppl = {row: t[domain] for row, t in table.items() if domain in t}
