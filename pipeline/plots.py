@@ -138,10 +138,12 @@ def sweep(param: str, panels: list[dict], path: Path, dpi: int = 150, current: o
     the one-shot rows and dense of that domain as reference lines.
 
     panels: ``{"domain", "in_domain", "points": [(value, PPL)], "references": {row: PPL},
-    "spread": {row: {"min", "max", "n"}}, "point_spread": {value: {"min", "max", "n"}}}``: ``spread``
-    (sweeps.seed_spread of that domain) is the current state under other seeds, drawn as an error bar
-    at MaskLLM's ``current`` value and as bands around the references; ``point_spread`` (optional,
-    sweeps.point_spreads) the same for other points run under several seeds, as error bars there.
+    "spread": {row: {"min", "max", "n"}}, "point_spread": {value: {"min", "max", "n"}}, "others":
+    [{"label", "points", "point_spread"}]}``: ``spread`` (sweeps.seed_spread of that domain) is the
+    current state under other seeds, drawn as an error bar at MaskLLM's ``current`` value and as
+    bands around the references; ``point_spread`` (optional, sweeps.point_spreads) the same for
+    other points run under several seeds, as error bars there; ``others`` (optional) the same sweep
+    run around other centres (sweeps.other_centres, e.g. a former default), each a curve of its own.
     """
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels) + 0.6, 4.2), squeeze=False)
     for ax, panel in zip(axes[0], panels):
@@ -151,49 +153,73 @@ def sweep(param: str, panels: list[dict], path: Path, dpi: int = 150, current: o
     _save(fig, path, dpi)
 
 
+# the current params' curve, then each other centre's (sweeps.other_centres): colour, marker, line
+_CURVE_STYLES = [(COLORS["maskllm"], "o", "-"), ("#e67e22", "s", "--"), ("#7f8c8d", "^", ":")]
+
+
 def _sweep_panel(ax, param: str, panel: dict, current: object) -> None:
-    points, references, spread = panel["points"], panel["references"], panel.get("spread") or {}
-    xs = [x for x, _ in points]
-    ys = [y for _, y in points]
-    numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+    references, spread = panel["references"], panel.get("spread") or {}
+    # the current params' sweep first (its point spread includes the current state's seeds)
+    curves = [{"label": "MaskLLM", "points": panel["points"],
+               "point_spread": {**(panel.get("point_spread") or {}), current: spread.get("maskllm")}}]
+    curves += [{**c, "label": f"MaskLLM, {c['label']}"} for c in panel.get("others", [])]
+    xs_all = [x for c in curves for x, _ in c["points"]]
+    numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs_all)
+    categories = list(dict.fromkeys(str(x) for x in xs_all))
+    width = 0.8 / len(curves)
+    bounds = []
+    for i, (curve, (color, marker, ls)) in enumerate(zip(curves, _CURVE_STYLES * len(curves))):
+        xs = [x for x, _ in curve["points"]]
+        ys = [y for _, y in curve["points"]]
+        if not xs:
+            continue
+        if numeric:
+            order = sorted(range(len(xs)), key=lambda j: xs[j])
+            ax.plot([xs[j] for j in order], [ys[j] for j in order], marker=marker, ls=ls, color=color,
+                    label=curve["label"])
+            where = xs
+        else:  # bars side by side, one group per category
+            where = [categories.index(str(x)) + (i - (len(curves) - 1) / 2) * width for x in xs]
+            ax.bar(where, ys, width=width, color=color, label=curve["label"])
+        for x, y in zip(where, ys):
+            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(6, 4), ha="left", fontsize=7,
+                        color=color if i else "k")
+        # min-max over seeds at every point run under several
+        for x, s in (curve.get("point_spread") or {}).items():
+            if not (s and s["n"] > 1 and x in xs):
+                continue
+            y = ys[xs.index(x)]
+            at = "" if (i == 0 and x == current) else f" at {x:g}" if numeric else f" at {x}"
+            ax.errorbar([where[xs.index(x)]], [y], yerr=[[y - s["min"]], [s["max"] - y]], fmt="none",
+                        ecolor="k" if i == 0 else color, capsize=4, lw=1.2,
+                        label=f"{curve['label']}{at} over {s['n']} seeds")
+            bounds += [s["min"], s["max"]]
+        bounds += ys
     if numeric:
-        order = sorted(range(len(xs)), key=lambda i: xs[i])
-        ax.plot([xs[i] for i in order], [ys[i] for i in order], marker="o", color=COLORS["maskllm"], label="MaskLLM")
-        positive = [x for x in xs if x > 0]
-        if len(positive) >= 2 and max(positive) / min(positive) >= 8:  # tau 1 .. 8, kappa 10 .. 300, lambda 1e-5 .. 1e-4
+        positive = [x for x in xs_all if x > 0]
+        if len(positive) >= 2 and max(positive) / min(positive) >= 8:  # tau 1 .. 8, kappa 10 .. 3000, lambda 1e-5 .. 1e-4
             # 0 (no prior, no regulariser) stays on the axis: linear below the smallest positive value
-            if min(xs) > 0:
+            if min(xs_all) > 0:
                 ax.set_xscale("log")
             else:
                 ax.set_xscale("symlog", linthresh=min(positive), linscale=0.5)
-            ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))])
+            ax.set_xticks(sorted(set(xs_all)), [f"{x:g}" for x in sorted(set(xs_all))])
             ax.xaxis.set_minor_formatter(NullFormatter())
     else:
-        ax.bar([str(x) for x in xs], ys, color=COLORS["maskllm"], label="MaskLLM")
+        ax.set_xticks(range(len(categories)), categories)
         ax.tick_params(axis="x", labelsize=7, rotation=20)
-    for i, (x, y) in enumerate(points):
-        ax.annotate(f"{y:.1f}", (x if numeric else i, y), textcoords="offset points", xytext=(6, 4), ha="left",
-                    fontsize=7)
-    # min-max over seeds at every point run under several: the current one's (spread), the others' own
-    ranges = {**(panel.get("point_spread") or {}), current: spread.get("maskllm")}
-    for x, s in ranges.items():
-        if not (s and s["n"] > 1 and x in xs):
-            continue
-        y = ys[xs.index(x)]
-        where = "" if x == current else f" at {x:g}" if numeric else f" at {x}"
-        ax.errorbar([x if numeric else xs.index(x)], [y], yerr=[[y - s["min"]], [s["max"] - y]], fmt="none",
-                    ecolor="k", capsize=4, lw=1.2, label=f"MaskLLM{where} over {s['n']} seeds")
     for row, v in references.items():
         _band(ax, row, spread.get(row))
         ax.axhline(v, ls="--", lw=1, color=COLORS.get(row, "k"), label=f"{label(row)} {v:.1f}")
     ax.set_yscale("log")
-    values = ys + list(references.values()) + [b for s in [*spread.values(), *(v for v in ranges.values() if v)]
-                                               if s["n"] > 1 for b in (s["min"], s["max"])]
+    values = bounds + list(references.values()) + [b for s in spread.values() if s["n"] > 1 for b in (s["min"], s["max"])]
     plain_log_axis(ax.yaxis, min(values), max(values))  # PPLs are read as values
     ax.set_ylabel("test PPL")  # no x label: the title above the panels names the param, the ticks its values
     ax.set_title(f"{panel['domain']} ({'in domain' if panel.get('in_domain') else 'out of domain'})", fontsize=9)
     # below the axes: inside, it hid the bars of a categorical sweep (learn.prior)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1 if numeric else -0.2), ncol=2, borderaxespad=0)
+    # one column once other centres add their long labels: two would spill into the next panel's legend
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1 if numeric else -0.2),
+              ncol=1 if len(curves) > 1 else 2, borderaxespad=0)
     ax.margins(x=0.1)  # room for the value labels of the end points
     ax.grid(alpha=0.3)
 

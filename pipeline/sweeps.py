@@ -2,7 +2,8 @@
 
 Every pipeline state is a parent run (pipeline/tracking.py) with every param and its results as
 metrics (``ppl.<row>.<domain>``, ``zeroshot.<row>.<task>.<metric>``). A state belongs to
-- the sweep of param P when it differs from the current state in P alone;
+- the sweep of param P when it differs from the current state in P alone, or from another centre
+  (the current state but one other param, e.g. a former default) in P alone (other_centres);
 - the transfer to domain D when it was learned on D (``data.source``), from a one-shot prior
   or from a mask file, and matches the current state otherwise;
 - the seeds of the current state when it differs from it in the seeds (``SEEDS``) alone: the
@@ -96,30 +97,104 @@ def _as_point(p: dict[str, str], swept: str, current: dict[str, str], defaults: 
             "learn.prior_strength": current["learn.prior_strength"]}
 
 
-def sweep_runs(params, dataset: str, metric: str, parents: list | None = None) -> dict[str, dict[str, tuple[dict, object]]]:
+def _centre(params, around: dict[str, str] | None) -> dict[str, str]:
+    """The flat params a sweep is run around: the current ones, but ``around`` (other_centres)."""
+    return {**_relevant(params), **(around or {})}
+
+
+def _free(swept: str) -> tuple[str, ...]:
+    # the prior and its file are one choice
+    return (swept, "learn.prior_file") if swept == "learn.prior" else (swept,)
+
+
+def _point_key(p: dict[str, str], swept: str) -> str:
+    return prior_label(p) if swept == "learn.prior" else p[swept]
+
+
+def sweep_runs(params, dataset: str, metric: str, parents: list | None = None, around: dict[str, str] | None = None,
+               min_points: int = 2) -> dict[str, dict[str, tuple[dict, object]]]:
     """For each swept param: {value: (params as a point of that sweep, run)} of every pipeline state
-    with ``metric`` that differs from the current one in that param alone (latest run per value). A
-    state without a prior is a point of both the prior sweep (``none``) and the prior-strength sweep (0)."""
+    with ``metric`` that differs from the current one (but ``around``, other_centres) in that param
+    alone (latest run per value), where ``min_points`` values or more ran. A state without a prior
+    is a point of both the prior sweep (``none``) and the prior-strength sweep (0)."""
     parents = states(params, dataset) if parents is None else parents
-    current, defaults = _relevant(params), _defaults()
+    current, defaults = _centre(params, around), _defaults()
     out = {}
     for swept in SWEEPS:
-        # the prior and its file are one choice
-        free = (swept, "learn.prior_file") if swept == "learn.prior" else (swept,)
         points = {}
         for run in parents:
             p = _as_point(run.data.params, swept, current, defaults)
-            if metric in run.data.metrics and swept in p and _matches(p, current, free, defaults):
-                points[prior_label(p) if swept == "learn.prior" else p[swept]] = (p, run)
-        if len(points) >= 2:
+            if metric in run.data.metrics and swept in p and _matches(p, current, _free(swept), defaults):
+                points[_point_key(p, swept)] = (p, run)
+        if len(points) >= min_points:
             out[swept] = points
     return out
 
 
-def sweep_points(params, dataset: str, metric: str, parents: list | None = None) -> dict[str, list[tuple[object, float]]]:
+def other_centres(params, dataset: str, metric: str, parents: list | None = None,
+                  min_points: int = 3) -> dict[str, list[dict[str, str]]]:
+    """For each swept param: the other centres its sweep ran around, as ``{param: value}`` changes
+    of one other param from the current params (not a seed: seeds make spreads, not sweeps), where
+    ``min_points`` values or more ran, one of them at the current value; most values first. When a
+    default moves (learn.kappa 100 -> 1000), the sweeps run around the former default stay on the
+    figures as a curve of their own instead of vanishing, and a sweep rerun around the new default
+    is drawn next to them."""
+    parents = states(params, dataset) if parents is None else parents
+    current, defaults = _relevant(params), _defaults()
+    out = {}
+    for swept in SWEEPS:
+        here = _value(_point_key(current, swept)) if swept in current else None
+        values: dict[tuple, set] = {}
+        for run in parents:
+            p = _as_point(run.data.params, swept, current, defaults)
+            if metric not in run.data.metrics or swept not in p:
+                continue
+            diff = {k: p.get(k, defaults.get(k)) for k, v in current.items()
+                    if k not in _free(swept) and p.get(k, defaults.get(k)) != v}
+            changed = [k for k in diff if not (k == "learn.prior_file" and "learn.prior" in diff)]
+            if len(changed) == 1 and changed[0] not in SEEDS:
+                values.setdefault(tuple(sorted(diff.items())), set()).add(_value(_point_key(p, swept)))
+        centres = sorted((k for k, v in values.items() if len(v) >= min_points and here in v),
+                         key=lambda k: (-len(values[k]), k))
+        if centres:
+            out[swept] = [dict(k) for k in centres]
+    return out
+
+
+def describe_centre(around: dict[str, str]) -> str:
+    """``{"learn.kappa": "100.0"}`` -> ``"learn.kappa=100.0"`` (a prior file by its name)."""
+    if "learn.prior" in around:
+        around = {**{k: v for k, v in around.items() if k != "learn.prior_file"}, "learn.prior": prior_label(around)}
+    return ", ".join(f"{k}={v}" for k, v in around.items())
+
+
+def values_of(points: dict[str, tuple[dict, object]], metric: str) -> list[tuple[object, float]]:
+    """(value, metric) of every point of a sweep (sweep_runs) that has ``metric``."""
+    return [(_value(k), run.data.metrics[metric]) for k, (_, run) in points.items() if metric in run.data.metrics]
+
+
+def sweep_points(params, dataset: str, metric: str, parents: list | None = None,
+                 around: dict[str, str] | None = None, min_points: int = 2) -> dict[str, list[tuple[object, float]]]:
     """For each swept param: (value, metric) of every point of its sweep (sweep_runs)."""
-    return {swept: [(_value(k), run.data.metrics[metric]) for k, (_, run) in points.items()]
-            for swept, points in sweep_runs(params, dataset, metric, parents).items()}
+    return {swept: values_of(points, metric)
+            for swept, points in sweep_runs(params, dataset, metric, parents, around, min_points).items()}
+
+
+def sweep_curves(params, dataset: str, parents: list | None = None) -> dict[str, list[tuple[dict | None, dict]]]:
+    """Every sweep to show, on the in-domain PPL: {param: [(centre, points)]} (points: sweep_runs),
+    the current params' first (centre None; the current point alone when only another centre ran a
+    sweep of that param, so the figure shows where the current params stand), then each of
+    other_centres."""
+    parents = states(params, dataset) if parents is None else parents
+    metric = f"ppl.maskllm.{dataset}"
+    centres = other_centres(params, dataset, metric, parents)
+    own = sweep_runs(params, dataset, metric, parents, min_points=1)
+    out = {}
+    for param in SWEEPS:
+        if len(own.get(param, {})) >= 2 or param in centres:
+            out[param] = [(None, own.get(param, {}))] + [
+                (c, sweep_runs(params, dataset, metric, parents, around=c)[param]) for c in centres.get(param, [])]
+    return out
 
 
 def _ppl_in(metrics: dict[str, float], domain: str) -> dict[str, float]:
@@ -133,32 +208,38 @@ def _maskllm_cells(metrics: dict[str, float], domains: list[str]) -> list[str]:
 
 def sweep_table(param: str, points: dict[str, tuple[dict, object]], dataset: str, domains: list[str],
                 current, spread: dict[str, dict] | None = None,
-                point_spread: dict[object, dict[str, dict]] | None = None) -> str:
+                point_spread: dict[object, dict[str, dict]] | None = None, around: dict[str, str] | None = None) -> str:
     """Markdown: one row per value of ``param`` (sweep_runs), in order: MaskLLM's in-domain PPL, the
     gap it closes there, its PPL on the other domains and the one command that reproduces the
     point; ``spread`` (seed_spread) adds the range of the current point over seeds, ``point_spread``
-    (point_spreads of this sweep) that of every other point run under several seeds."""
+    (point_spreads of this sweep) that of every other point run under several seeds. A sweep
+    ``around`` another centre (other_centres) names its centre point so and reproduces every point
+    with that centre's change too."""
     cols = [dataset] + [d for d in domains if d != dataset]
     lines = [f"| `{param}` | MaskLLM {dataset} (in domain) | gap closed ({dataset}) | "
              + "".join(f"MaskLLM {d} | " for d in cols[1:]) + "reproduce |", "|---" * (len(cols) + 3) + "|"]
     numeric = all(isinstance(_value(k), (int, float)) for k in points)
     ordered = sorted(points, key=lambda k: _value(k) if numeric else k)
+    centre = "current" if not around else "centre"
     for key in ordered:
         p, run = points[key]
         m = run.data.metrics
         gap = gap_closed(_ppl_in(m, dataset))
         cells = _maskllm_cells(m, cols)
         here = _value(key) == current
-        sets = {param: p[param]}
-        if param == "learn.prior" and p.get("learn.prior") == "file":
-            sets["learn.prior_file"] = p["learn.prior_file"]
-        value = f"**{key}** (current)" if here else key
+        sets = {k: v for k, v in (around or {}).items() if v != "null"}
+        if not here:
+            sets[param] = p[param]
+            if param == "learn.prior" and p.get("learn.prior") == "file":
+                sets["learn.prior_file"] = p["learn.prior_file"]
+        value = f"**{key}** ({centre})" if here else key
         lines.append(f"| {value} | {cells[0]} | {'—' if gap is None else f'{100 * gap[0]:.1f} % of {label(gap[1])}'} | "
-                     + "".join(f"{c} | " for c in cells[1:]) + f"`{'dvc repro' if here else command(sets)}` |")
-    ranges = [("current", spread or {})] + [(key, (point_spread or {}).get(_value(key), {})) for key in ordered
-                                            if _value(key) != current]
+                     + "".join(f"{c} | " for c in cells[1:]) + f"`{command(sets)}` |")
+    # the centre's range: the current state's seeds (spread), or the other centre's own (point_spread)
+    ranges = [(centre, spread if not around else (point_spread or {}).get(current))]
+    ranges += [(key, (point_spread or {}).get(_value(key), {})) for key in ordered if _value(key) != current]
     for name, metrics in ranges:
-        s = {d: metrics.get(f"ppl.maskllm.{d}") for d in cols}
+        s = {d: (metrics or {}).get(f"ppl.maskllm.{d}") for d in cols}
         if s[dataset] and s[dataset]["n"] > 1:
             rng = [f"{s[d]['min']:,.2f}–{s[d]['max']:,.2f}" if s[d] else "—" for d in cols]
             lines.append(f"| {name}, {s[dataset]['n']} seeds (min–max) | {rng[0]} | | " + "".join(f"{r} | " for r in rng[1:]) + "|")

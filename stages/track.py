@@ -63,32 +63,43 @@ def main(params):
 
     seeds = max((s["n"] for s in row_spread(dataset).values()), default=1)
     # ablations: MaskLLM across pipeline states that differ in one param; a sweep is one with
-    # two or more in-domain points, drawn and tabled on every domain
-    runs = sweeps.sweep_runs(params, dataset, f"ppl.maskllm.{dataset}", states)
-    point_spreads = sweeps.point_spreads(params, dataset, states, runs)
-    panels = {param: [] for param in runs}
+    # two or more in-domain points, drawn and tabled on every domain, around the current params and
+    # around other centres (a former default) where a sweep of three or more points ran there
+    curves = sweeps.sweep_curves(params, dataset, states)
+    spreads = {param: [sweeps.point_spreads(params, dataset, states, {param: points}).get(param, {})
+                       for _, points in cs] for param, cs in curves.items()}
+    panels = {param: [] for param in curves}
     for domain in domains:
         ppl = {row: t[domain] for row, t in table.items() if domain in t}
         best = best_one_shot(ppl)
         refs = {r: ppl[r] for r in dict.fromkeys(("dense", best, "sparsegpt", "sparsegpt_maskonly")) if r in ppl}
-        points = sweeps.sweep_points(params, dataset, f"ppl.maskllm.{domain}", states)
-        for param in runs:
-            if len(points.get(param, [])) >= 2:
-                own = {x: m[f"ppl.maskllm.{domain}"] for x, m in point_spreads.get(param, {}).items()
-                       if f"ppl.maskllm.{domain}" in m}
-                panels[param].append({"domain": domain, "in_domain": domain == dataset, "points": points[param],
-                                      "references": refs, "spread": row_spread(domain), "point_spread": own})
+        m = f"ppl.maskllm.{domain}"
+        for param, cs in curves.items():
+            lines = [{"label": sweeps.describe_centre(c) if c else "", "point_spread": {
+                          x: s[m] for x, s in spread_of.items() if m in s},
+                      "points": sweeps.values_of(points, m)}
+                     for (c, points), spread_of in zip(cs, spreads[param])]
+            if sum(len(line["points"]) for line in lines) >= 2:
+                panels[param].append({"domain": domain, "in_domain": domain == dataset, "points": lines[0]["points"],
+                                      "point_spread": lines[0]["point_spread"], "others": lines[1:],
+                                      "references": refs, "spread": row_spread(domain)})
     transfers = {d: sweeps.transfer_bars(d, learned, table, dataset) for d, learned in sweeps.transfer_states(params).items()}
     with atomic_dir(PLOTS / "sweeps") as tmp:
-        for param, points in runs.items():
+        for param, cs in curves.items():
             name = param.replace(".", "_")
             current = sweeps.current_value(params, param)
             plots.sweep(param, panels[param], tmp / f"{name}.png", dpi, current=current)
+            tables = [sweeps.sweep_table(param, points, dataset, domains, current, spread, own_spread, around=c)
+                      for (c, points), own_spread in zip(cs, spreads[param])]
+            if len(cs) > 1:  # one section per centre; the current one may hold the current point alone
+                tables = [f"## Around {'the current params' if c is None else f'`{sweeps.describe_centre(c)}` (the current params otherwise)'}"
+                          f"\n\n{t}" for (c, _), t in zip(cs, tables)]
             (tmp / f"{name}.md").write_text(
                 f"# MaskLLM against `{param}` ({dataset} in domain)\n\n"
-                "Each point differs from the current params in this param alone (the latest run of each);\n"
+                "Each point differs from the current params (or, in a section of its own, from another centre)\n"
+                "in this param alone (the latest run of each);\n"
                 "gap closed: of the gap between the best one-shot row (named) and dense, in domain.\n\n"
-                + sweeps.sweep_table(param, points, dataset, domains, current, spread, point_spreads.get(param)) + "\n")
+                + "\n\n".join(tables) + "\n")
         for domain, (bars, dense) in transfers.items():
             plots.transfer(domain, bars, dense, tmp / f"transfer_{domain}.png", dpi)
         if seeds > 1:
@@ -100,17 +111,20 @@ def main(params):
             "the latest run of each; `reproduce` is the one command that recreates it.\n\n"
             + sweeps.neighbours_table(near, dataset, params.evaluate.domains) + "\n")
         (tmp / "index.md").write_text(
-            "# Ablation figures\n\n" + "".join(f"- `{p}`: {len(v)} values -> {p.replace('.', '_')}.png, "
-                                                f"{p.replace('.', '_')}.md (table)\n" for p, v in runs.items())
+            "# Ablation figures\n\n" + "".join(
+                f"- `{p}`: " + ", ".join(f"{len(points)} value(s) around "
+                                         + (f"`{sweeps.describe_centre(c)}`" if c else "the current params")
+                                         for c, points in cs)
+                + f" -> {p.replace('.', '_')}.png, {p.replace('.', '_')}.md (table)\n" for p, cs in curves.items())
             + "".join(f"- transfer to {d}: {len(b)} masks -> transfer_{d}.png\n" for d, (b, _) in transfers.items())
             + (f"- seeds: {seeds} states of these params ({seed_values}) -> seeds.png\n" if seeds > 1 else "")
             + "- every state within two params of these, with the command that reproduces it -> states.md\n"
-            + ("" if runs or transfers or seeds > 1 else
+            + ("" if curves or transfers or seeds > 1 else
                "None yet: queue a sweep (`make sweep-tau`, see the README) or other seeds.\n"))
     figures = sorted(PLOTS.glob("*.png")) + sorted((PLOTS / "sweeps").glob("*.png"))
     sync(params, dataset, [], artifacts=[*figures, HARDEN_STATS, PLOTS / "ppl.csv", CURVE])
     recorded = ledger.save(client())
-    n = len(runs) + len(transfers) + (seeds > 1)
+    n = len(curves) + len(transfers) + (seeds > 1)
     return (f"MLflow parent {report.parent[:8]}: {len(report.created)} run(s) logged, {len(report.replaced)} replaced, "
             f"{report.kept} already there; {n} sweep figure(s); {seeds} seed(s) of this state; "
             f"{ledger.LEDGER}: {recorded} state(s), {restored} restored into MLflow")

@@ -77,9 +77,9 @@ PINNED_PPL = {
     ("sparsegpt", "wiki"): 109.112, ("sparsegpt", "shakespeare"): 156.240,
     ("sparsegpt_maskonly", "wiki"): 113.820, ("sparsegpt_maskonly", "shakespeare"): 163.434,
     ("sparsegpt_noupdate", "wiki"): 113.641, ("sparsegpt_noupdate", "shakespeare"): 162.519,
-    ("maskllm", "wiki"): 114.268, ("maskllm", "shakespeare"): 162.026,
+    ("maskllm", "wiki"): 113.949, ("maskllm", "shakespeare"): 161.789,  # learn.kappa 1000 (114.268, 162.026 at 100)
 }
-PINNED_LEARN = {"final_ce": 4.7084, "prior_agreement": 0.9436}
+PINNED_LEARN = {"final_ce": 4.7102, "prior_agreement": 0.9429}  # kappa 100: 4.7084, 0.9436
 
 
 def test_micro_key_numbers_are_pinned(micro_repo):

@@ -98,6 +98,30 @@ def test_sweep_figure_draws_the_spread_of_other_points_run_under_several_seeds(f
     assert ax.get_ylim()[0] < 29.0  # the axis holds the whole range
 
 
+def test_sweep_figure_draws_the_sweep_around_another_centre_as_its_own_curve(figures, tmp_path):
+    wiki = panel("wiki", [(2.0, 29.0), (4.0, 30.6)], {"dense": 14.0}, {"maskllm": {"min": 30.6, "max": 31.0, "n": 3}},
+                 in_domain=True)
+    wiki["others"] = [{"label": "learn.kappa=100.0", "points": [(1.0, 42.0), (4.0, 34.1), (8.0, 39.4), (2.0, 33.6)],
+                       "point_spread": {4.0: {"min": 34.1, "max": 39.0, "n": 3}}}]
+    plots.sweep("learn.tau", [wiki], tmp_path / "s.png", current=4.0)
+    ax = figures[-1].axes[0]
+    curves = {line.get_label(): line.get_xydata().tolist() for line in ax.lines if line.get_label().startswith("MaskLLM")}
+    assert curves == {"MaskLLM": [[2.0, 29.0], [4.0, 30.6]],  # in order of the value
+                      "MaskLLM, learn.kappa=100.0": [[1.0, 42.0], [2.0, 33.6], [4.0, 34.1], [8.0, 39.4]]}
+    bars = {c.get_label(): c.lines[2][0].get_segments()[0].tolist() for c in ax.containers}
+    assert bars == {"MaskLLM over 3 seeds": [[4.0, 30.6], [4.0, 31.0]],
+                    "MaskLLM, learn.kappa=100.0 at 4 over 3 seeds": [[4.0, 34.1], [4.0, 39.0]]}
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4", "8"]  # every value of both curves
+    # a categorical sweep: one group of bars per value, the centres side by side
+    prior = panel("wiki", [("sparsegpt", 30.6)], {"dense": 14.0}, in_domain=True)
+    prior["others"] = [{"label": "learn.kappa=100.0", "points": [("none", 60.0), ("sparsegpt", 34.1)]}]
+    plots.sweep("learn.prior", [prior], tmp_path / "p.png", current="sparsegpt")
+    ax = figures[-1].axes[0]
+    centres = sorted((round(p.get_x() + p.get_width() / 2, 2), p.get_height()) for p in ax.patches)
+    assert centres == [(-0.2, 30.6), (0.2, 34.1), (1.2, 60.0)]  # each centre keeps its side
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["sparsegpt", "none"]
+
+
 def test_sweep_figure_has_a_panel_per_domain_with_its_own_references(figures, tmp_path):
     plots.sweep("learn.prior_strength", [
         panel("wiki", [(3.0, 36.4), (0.0, 80.0), (1.0, 40.0), (10.0, 37.0)], {"dense": 14.0, "sparsegpt": 49.8},

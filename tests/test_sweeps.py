@@ -22,7 +22,8 @@ def store(tmp_path, monkeypatch):
 def params(prior_seed=0, learn_seed=0, **learn):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["prior"]["seed"] = prior_seed
-    raw["learn"].update(learn, seed=learn_seed)
+    # the states below are written around kappa 100, whatever the default is
+    raw["learn"].update({"kappa": 100.0, **learn}, seed=learn_seed)
     return parse_params(raw)
 
 
@@ -147,6 +148,50 @@ def test_a_sweep_point_run_under_several_seeds_has_its_own_spread(store, monkeyp
                          "| 1000.0 | 30.00 | 57.1 % of SparseGPT | `dvc exp run -S learn.kappa=1000.0` |",
                          "| 1000.0, 3 seeds (min–max) | 30.00–33.00 | | |"]
     assert all(row.count("|") == table[0].count("|") for row in table)
+
+
+def test_sweeps_run_around_a_former_default_stay_as_a_centre_of_their_own(store, monkeypatch):
+    refs = {"sparsegpt": 50.0, "dense": 15.0}
+    # the tau and lambda0 sweeps ran around kappa 100 (the former default), tau 4 under two seeds there
+    for tau, maskllm in [(1.0, 42.0), (2.0, 38.0), (4.0, 40.0), (8.0, 47.0)]:
+        log_state(store, params(tau=tau), {"maskllm": maskllm, **refs}, f"k100-tau{tau}")
+    log_state(store, params(learn_seed=1), {"maskllm": 44.0, **refs}, "k100-seed1")
+    for reg, maskllm in [(0.0, 41.0), (1e-4, 43.0)]:
+        log_state(store, params(weight_reg=reg), {"maskllm": maskllm, **refs}, f"k100-reg{reg}")
+    # kappa 1000 is the default now: tau 2 rerun around it, lambda0 not
+    log_state(store, params(kappa=1000.0), {"maskllm": 30.0, **refs}, "k1000")
+    log_state(store, params(kappa=1000.0, tau=2.0), {"maskllm": 29.0, **refs}, "k1000-tau2")
+    # not centres: two values only (kappa 300), a seed as the other change (learn.seed 1)
+    log_state(store, params(kappa=300.0, tau=8.0), {"maskllm": 60.0, **refs}, "k300-tau8")
+    for tau in (2.0, 4.0, 8.0):
+        log_state(store, params(learn_seed=1, kappa=1000.0, tau=tau), {"maskllm": 61.0, **refs}, f"k1000-s1-tau{tau}")
+    current = params(kappa=1000.0)
+    metric = "ppl.maskllm.wiki"
+    assert sweeps.other_centres(current, "wiki", metric) == {
+        "learn.tau": [{"learn.kappa": "100.0"}], "learn.weight_reg": [{"learn.kappa": "100.0"}]}
+    curves = sweeps.sweep_curves(current, "wiki")
+    got = {param: [(c, sorted(sweeps.values_of(points, metric))) for c, points in cs] for param, cs in curves.items()}
+    assert got == {
+        "learn.tau": [(None, [(2.0, 29.0), (4.0, 30.0)]),
+                      ({"learn.kappa": "100.0"}, [(1.0, 42.0), (2.0, 38.0), (4.0, 40.0), (8.0, 47.0)])],
+        "learn.kappa": [(None, [(100.0, 40.0), (1000.0, 30.0)])],
+        # the current point alone, so the figure shows where the current params stand
+        "learn.weight_reg": [(None, [(1e-05, 30.0)]),
+                             ({"learn.kappa": "100.0"}, [(0.0, 41.0), (1e-05, 40.0), (0.0001, 43.0)])]}
+    around = curves["learn.tau"][1]
+    spreads = sweeps.point_spreads(current, "wiki", runs={"learn.tau": around[1]})
+    table = sweeps.sweep_table("learn.tau", around[1], "wiki", ["wiki"], 4.0, sweeps.seed_spread(current, "wiki"),
+                               spreads["learn.tau"], around=around[0]).splitlines()
+    # every point reproduced with the centre's change; the centre's range is its own seeds', (50 - 38) / 35
+    assert table[2:] == [
+        "| 1.0 | 42.00 | 22.9 % of SparseGPT | `dvc exp run -S learn.kappa=100.0 -S learn.tau=1.0` |",
+        "| 2.0 | 38.00 | 34.3 % of SparseGPT | `dvc exp run -S learn.kappa=100.0 -S learn.tau=2.0` |",
+        "| **4.0** (centre) | 40.00 | 28.6 % of SparseGPT | `dvc exp run -S learn.kappa=100.0` |",
+        "| 8.0 | 47.00 | 8.6 % of SparseGPT | `dvc exp run -S learn.kappa=100.0 -S learn.tau=8.0` |",
+        "| centre, 2 seeds (min–max) | 40.00–44.00 | | |"]
+    assert sweeps.describe_centre(around[0]) == "learn.kappa=100.0"
+    assert sweeps.describe_centre({"learn.prior": "file", "learn.prior_file": "masks/general.safetensors"}) == \
+        "learn.prior=file:general"
 
 
 def test_current_value_is_how_sweep_points_name_it():
