@@ -51,8 +51,8 @@ define sweep
 endef
 sweep-tau: install            ## Gumbel temperature at step 0 (paper: 4)
 	$(call sweep,learn.tau,1 2 8)
-sweep-kappa: install          ## logit scale at step 0 (paper: 100)
-	$(call sweep,learn.kappa,10 30 300 1000 3000)
+sweep-kappa: install          ## logit scale at step 0 (default 1000; paper: 100)
+	$(call sweep,learn.kappa,10 30 100 300 3000)
 sweep-prior-strength: install ## prior strength alpha, 0 = no prior (paper: 3)
 	$(call sweep,learn.prior_strength,0 1 10)
 sweep-prior: install          ## which one-shot mask is the prior
