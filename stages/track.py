@@ -112,7 +112,7 @@ def main(params):
             + sweeps.neighbours_table(near, dataset, params.evaluate.domains) + "\n")
         (tmp / "index.md").write_text(
             "# Ablation figures\n\n" + "".join(
-                f"- `{p}`: " + ", ".join(f"{len(points)} value(s) around "
+                f"- `{p}`: " + ", ".join(f"{len(points)} value{'s' if len(points) != 1 else ''} around "
                                          + (f"`{sweeps.describe_centre(c)}`" if c else "the current params")
                                          for c, points in cs)
                 + f" -> {p.replace('.', '_')}.png, {p.replace('.', '_')}.md (table)\n" for p, cs in curves.items())

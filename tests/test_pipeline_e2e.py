@@ -179,7 +179,7 @@ def test_learn_ablation_reruns_only_the_maskllm_branch_and_logs_a_new_state(micr
     assert stages_run(fresh.stdout) == ALWAYS, fresh.stdout
     assert "plots/states.json: 2 state(s), 2 restored into MLflow" in fresh.stdout
     assert sorted(mlflow_runs(micro_copy, "pipeline")["params.learn.tau"]) == ["2.0", "4.0"]
-    assert "`learn.tau`: 2 values" in (micro_copy / "plots" / "sweeps" / "index.md").read_text()
+    assert "`learn.tau`: 2 values around the current params" in (micro_copy / "plots" / "sweeps" / "index.md").read_text()
 
 
 def test_a_learned_mask_as_prior_reruns_only_the_maskllm_branch(micro_copy):
@@ -202,7 +202,7 @@ def test_a_learned_mask_as_prior_reruns_only_the_maskllm_branch(micro_copy):
     assert len(mine) == 1 and mine["params.learn.prior_file"].iloc[0] == "masks/general.safetensors"
     assert mine["tags.dvc_exp_name"].iloc[0] == "from-file"
     # the two priors (one-shot and file) make the learn.prior ablation figure
-    assert "`learn.prior`: 2 values" in (micro_copy / "plots" / "sweeps" / "index.md").read_text()
+    assert "`learn.prior`: 2 values around the current params" in (micro_copy / "plots" / "sweeps" / "index.md").read_text()
     assert (micro_copy / "plots" / "sweeps" / "learn_prior.png").stat().st_size > 0
     # the table of neighbouring states: this one (the file prior) and the one-shot prior's, with its command
     states = (micro_copy / "plots" / "sweeps" / "states.md").read_text()
