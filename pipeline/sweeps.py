@@ -173,11 +173,9 @@ def values_of(points: dict[str, tuple[dict, object]], metric: str) -> list[tuple
     return [(_value(k), run.data.metrics[metric]) for k, (_, run) in points.items() if metric in run.data.metrics]
 
 
-def sweep_points(params, dataset: str, metric: str, parents: list | None = None,
-                 around: dict[str, str] | None = None, min_points: int = 2) -> dict[str, list[tuple[object, float]]]:
-    """For each swept param: (value, metric) of every point of its sweep (sweep_runs)."""
-    return {swept: values_of(points, metric)
-            for swept, points in sweep_runs(params, dataset, metric, parents, around, min_points).items()}
+def sweep_points(params, dataset: str, metric: str, parents: list | None = None) -> dict[str, list[tuple[object, float]]]:
+    """For each swept param: (value, metric) of every point of its sweep around the current params (sweep_runs)."""
+    return {swept: values_of(points, metric) for swept, points in sweep_runs(params, dataset, metric, parents).items()}
 
 
 def sweep_curves(params, dataset: str, parents: list | None = None) -> dict[str, list[tuple[dict | None, dict]]]:
