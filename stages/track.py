@@ -9,7 +9,6 @@ from pathlib import Path
 
 from pipeline import ledger, plots, sweeps
 from pipeline.io import atomic_dir
-from pipeline.results import best_one_shot
 from pipeline.rows import ROWS
 from pipeline.stage import run_stage
 from pipeline.tracking import Result, StageResult, ZeroShotResult, client, sync
@@ -64,25 +63,11 @@ def main(params):
     seeds = max((s["n"] for s in row_spread(dataset).values()), default=1)
     # ablations: MaskLLM across pipeline states that differ in one param; a sweep is one with
     # two or more in-domain points, drawn and tabled on every domain, around the current params and
-    # around other centres (a former default) where a sweep of three or more points ran there
+    # around every former default (a state `dvc repro` ran) where a point of that sweep ran too
     curves = sweeps.sweep_curves(params, dataset, states)
     spreads = {param: [sweeps.point_spreads(params, dataset, states, {param: points}).get(param, {})
                        for _, points in cs] for param, cs in curves.items()}
-    panels = {param: [] for param in curves}
-    for domain in domains:
-        ppl = {row: t[domain] for row, t in table.items() if domain in t}
-        best = best_one_shot(ppl)
-        refs = {r: ppl[r] for r in dict.fromkeys(("dense", best, "sparsegpt", "sparsegpt_maskonly")) if r in ppl}
-        m = f"ppl.maskllm.{domain}"
-        for param, cs in curves.items():
-            lines = [{"label": sweeps.describe_centre(c) if c else "", "point_spread": {
-                          x: s[m] for x, s in spread_of.items() if m in s},
-                      "points": sweeps.values_of(points, m)}
-                     for (c, points), spread_of in zip(cs, spreads[param])]
-            if sum(len(line["points"]) for line in lines) >= 2:
-                panels[param].append({"domain": domain, "in_domain": domain == dataset, "points": lines[0]["points"],
-                                      "point_spread": lines[0]["point_spread"], "others": lines[1:],
-                                      "references": refs, "spread": row_spread(domain)})
+    panels = sweeps.sweep_panels(curves, spreads, table, domains, dataset, spread)
     transfers = {d: sweeps.transfer_bars(d, learned, table, dataset) for d, learned in sweeps.transfer_states(params).items()}
     with atomic_dir(PLOTS / "sweeps") as tmp:
         for param, cs in curves.items():

@@ -1,6 +1,7 @@
 """Pipeline states in MLflow as ablations (pipeline/sweeps.py): sweeps, seeds and their spread."""
 import json
 import statistics
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -152,19 +153,27 @@ def test_a_sweep_point_run_under_several_seeds_has_its_own_spread(store, monkeyp
 
 def test_sweeps_run_around_a_former_default_stay_as_a_centre_of_their_own(store, monkeypatch):
     refs = {"sparsegpt": 50.0, "dense": 15.0}
-    # the tau and lambda0 sweeps ran around kappa 100 (the former default), tau 4 under two seeds there
-    for tau, maskllm in [(1.0, 42.0), (2.0, 38.0), (4.0, 40.0), (8.0, 47.0)]:
-        log_state(store, params(tau=tau), {"maskllm": maskllm, **refs}, f"k100-tau{tau}")
-    log_state(store, params(learn_seed=1), {"maskllm": 44.0, **refs}, "k100-seed1")
+
+    def point(p, maskllm, name):  # a sweep point: a queued `dvc exp run`
+        monkeypatch.setenv("DVC_EXP_NAME", name)
+        log_state(store, p, {"maskllm": maskllm, **refs}, name)
+        monkeypatch.delenv("DVC_EXP_NAME")
+
+    # kappa 100 was the default (`dvc repro` in the workspace); the tau and lambda0 sweeps ran around it
+    log_state(store, params(), {"maskllm": 40.0, **refs}, "k100")
+    for tau, maskllm in [(1.0, 42.0), (2.0, 38.0), (8.0, 47.0)]:
+        point(params(tau=tau), maskllm, f"k100-tau{tau}")
+    point(params(learn_seed=1), 44.0, "k100-seed1")
     for reg, maskllm in [(0.0, 41.0), (1e-4, 43.0)]:
-        log_state(store, params(weight_reg=reg), {"maskllm": maskllm, **refs}, f"k100-reg{reg}")
+        point(params(weight_reg=reg), maskllm, f"k100-reg{reg}")
     # kappa 1000 is the default now: tau 2 rerun around it, lambda0 not
     log_state(store, params(kappa=1000.0), {"maskllm": 30.0, **refs}, "k1000")
-    log_state(store, params(kappa=1000.0, tau=2.0), {"maskllm": 29.0, **refs}, "k1000-tau2")
-    # not centres: two values only (kappa 300), a seed as the other change (learn.seed 1)
-    log_state(store, params(kappa=300.0, tau=8.0), {"maskllm": 60.0, **refs}, "k300-tau8")
-    for tau in (2.0, 4.0, 8.0):
-        log_state(store, params(learn_seed=1, kappa=1000.0, tau=tau), {"maskllm": 61.0, **refs}, f"k1000-s1-tau{tau}")
+    point(params(kappa=1000.0, tau=2.0), 29.0, "k1000-tau2")
+    # no centres: a sweep point is none (kappa 300), nor a default under another seed
+    point(params(kappa=300.0, tau=8.0), 60.0, "k300-tau8")
+    log_state(store, params(learn_seed=1, kappa=1000.0), {"maskllm": 61.0, **refs}, "k1000-s1")
+    for tau in (2.0, 8.0):
+        point(params(learn_seed=1, kappa=1000.0, tau=tau), 61.0, f"k1000-s1-tau{tau}")
     current = params(kappa=1000.0)
     metric = "ppl.maskllm.wiki"
     assert sweeps.other_centres(current, "wiki", metric) == {
@@ -192,6 +201,77 @@ def test_sweeps_run_around_a_former_default_stay_as_a_centre_of_their_own(store,
     assert sweeps.describe_centre(around[0]) == "learn.kappa=100.0"
     assert sweeps.describe_centre({"learn.prior": "file", "learn.prior_file": "masks/general.safetensors"}) == \
         "learn.prior=file:general"
+
+
+def test_after_the_default_moved_twice_each_former_default_is_a_centre(store, monkeypatch):
+    refs = {"sparsegpt": 50.0, "dense": 15.0}
+
+    def point(p, maskllm, name):
+        monkeypatch.setenv("DVC_EXP_NAME", name)
+        log_state(store, p, {"maskllm": maskllm, **refs}, name)
+        monkeypatch.delenv("DVC_EXP_NAME")
+
+    # default 1: kappa 100, with the prior-strength and lambda0 sweeps around it
+    log_state(store, params(), {"maskllm": 40.0, **refs}, "k100")
+    for alpha, maskllm in [(0.0, 900.0), (10.0, 80.0)]:
+        point(params(prior_strength=alpha), maskllm, f"k100-a{alpha}")
+    for reg, maskllm in [(0.0, 41.0), (1e-4, 43.0)]:
+        point(params(weight_reg=reg), maskllm, f"k100-reg{reg}")
+    # default 2: kappa 1000 (first run as a sweep point), with two points of its own around it
+    point(params(kappa=1000.0), 30.0, "kappa-1000")
+    log_state(store, params(kappa=1000.0), {"maskllm": 30.0, **refs}, "k1000")
+    point(params(kappa=1000.0, prior="none"), 950.0, "k1000-none")
+    for reg, maskllm in [(0.0, 31.0), (1e-4, 29.0)]:
+        point(params(kappa=1000.0, weight_reg=reg), maskllm, f"k1000-reg{reg}")
+    # a point around a former default draws a curve through it (tau 4 -> 8), but a pair of sweep
+    # points makes no centre: no kappa curve around tau 8
+    point(params(kappa=1000.0, tau=8.0), 32.0, "k1000-tau8")
+    point(params(tau=8.0), 47.0, "k100-tau8")
+    # default 3, now: lambda0 1e-4
+    current = params(kappa=1000.0, weight_reg=1e-4)
+    log_state(store, current, {"maskllm": 29.0, **refs}, "k1000-reg1e-4")
+    metric = "ppl.maskllm.wiki"
+    k1000, k100 = {"learn.weight_reg": "1e-05"}, {"learn.kappa": "100.0", "learn.weight_reg": "1e-05"}
+    # fewest changes first; the lambda0 sweep around kappa 1000 is the current params' own
+    assert sweeps.other_centres(current, "wiki", metric) == {
+        "learn.tau": [k1000, k100], "learn.kappa": [k1000], "learn.prior_strength": [k1000, k100],
+        "learn.prior": [k1000, k100], "learn.weight_reg": [{"learn.kappa": "100.0"}]}
+    got = {param: [(c, sorted(sweeps.values_of(points, metric), key=str)) for c, points in cs]
+           for param, cs in sweeps.sweep_curves(current, "wiki").items()}
+    assert got == {
+        "learn.tau": [(None, [(4.0, 29.0)]), (k1000, [(4.0, 30.0), (8.0, 32.0)]), (k100, [(4.0, 40.0), (8.0, 47.0)])],
+        # kappa 100 under lambda0 1e-4 (a point of the lambda0 sweep around kappa 100) is on the current curve
+        "learn.kappa": [(None, [(100.0, 43.0), (1000.0, 29.0)]), (k1000, [(100.0, 40.0), (1000.0, 30.0)])],
+        "learn.prior_strength": [(None, [(3.0, 29.0)]), (k1000, [(0.0, 950.0), (3.0, 30.0)]),
+                                 (k100, [(0.0, 900.0), (10.0, 80.0), (3.0, 40.0)])],
+        "learn.prior": [(None, [("sparsegpt", 29.0)]), (k1000, [("none", 950.0), ("sparsegpt", 30.0)]),
+                        (k100, [("none", 900.0), ("sparsegpt", 40.0)])],
+        "learn.weight_reg": [(None, [(0.0, 31.0), (0.0001, 29.0), (1e-05, 30.0)]),
+                             ({"learn.kappa": "100.0"}, [(0.0, 41.0), (0.0001, 43.0), (1e-05, 40.0)])]}
+    assert sweeps.describe_centre(k100) == "learn.kappa=100.0, learn.weight_reg=1e-05"
+
+
+def test_sweep_panels_put_every_curve_and_the_best_one_shot_reference_of_each_domain():
+    def run(**ppl):
+        return SimpleNamespace(data=SimpleNamespace(params={}, metrics={f"ppl.maskllm.{d}": v for d, v in ppl.items()}))
+
+    curves = {"learn.tau": [(None, {"4.0": ({}, run(wiki=30.0, shakespeare=200.0)), "2.0": ({}, run(wiki=29.0))}),
+                            ({"learn.kappa": "100.0"}, {"4.0": ({}, run(wiki=40.0, shakespeare=210.0))})]}
+    seeds = {"min": 29.5, "max": 31.0, "n": 2}
+    spreads = {"learn.tau": [{4.0: {"ppl.maskllm.wiki": seeds}}, {}]}
+    table = {"dense": {"wiki": 15.0, "shakespeare": 50.0}, "wanda": {"wiki": 60.0, "shakespeare": 150.0},
+             "sparsegpt": {"wiki": 50.0, "shakespeare": 160.0}, "maskllm": {"wiki": 30.0, "shakespeare": 200.0}}
+    spread = {"ppl.sparsegpt.wiki": {"min": 49.0, "max": 51.0, "n": 3}}
+    panels = sweeps.sweep_panels(curves, spreads, table, ["wiki", "shakespeare", "pydocs"], "wiki", spread)
+    # wiki: SparseGPT is the best one-shot row (named once); shakespeare: Wanda is;
+    # pydocs: no point on any curve, no panel
+    assert panels == {"learn.tau": [
+        {"domain": "wiki", "in_domain": True, "points": [(4.0, 30.0), (2.0, 29.0)], "point_spread": {4.0: seeds},
+         "others": [{"label": "learn.kappa=100.0", "points": [(4.0, 40.0)], "point_spread": {}}],
+         "references": {"dense": 15.0, "sparsegpt": 50.0}, "spread": {"sparsegpt": spread["ppl.sparsegpt.wiki"]}},
+        {"domain": "shakespeare", "in_domain": False, "points": [(4.0, 200.0)], "point_spread": {},
+         "others": [{"label": "learn.kappa=100.0", "points": [(4.0, 210.0)], "point_spread": {}}],
+         "references": {"dense": 50.0, "wanda": 150.0, "sparsegpt": 160.0}, "spread": {}}]}
 
 
 def test_current_value_is_how_sweep_points_name_it():
