@@ -68,8 +68,8 @@ sweep-prior-strength: install ## prior strength alpha, 0 = no prior (paper: 3)
 	$(call sweep,learn.prior_strength,0 1 10)
 sweep-prior: install          ## which one-shot mask is the prior
 	$(call sweep,learn.prior,magnitude wanda none)
-sweep-reg: install            ## sparse weight regulariser off vs on (paper: 1e-5)
-	$(call sweep,learn.weight_reg,0 1e-4)
+sweep-reg: install            ## sparse weight regulariser: off, the paper's 1e-5, 1e-3 (default 1e-4)
+	$(call sweep,learn.weight_reg,0 1e-5 1e-3)
 sweep-steps: install          ## training budget
 	$(call sweep,learn.steps,16 32 128)
 # Transfer (MaskLLM's downstream recipe): the workspace's learned mask as the prior of a run
