@@ -220,7 +220,8 @@ def sweep_panels(curves: dict[str, list[tuple[dict | None, dict]]], spreads: dic
         rows = {row: spread[f"ppl.{row}.{domain}"] for row in table if f"ppl.{row}.{domain}" in spread}
         m = f"ppl.maskllm.{domain}"
         for param, cs in curves.items():
-            lines = [{"label": describe_centre(c) if c else "", "points": values_of(points, m),
+            # the figure's legend is narrow: the centre's params without their "learn." section
+            lines = [{"label": describe_centre(c).replace("learn.", "") if c else "", "points": values_of(points, m),
                       "point_spread": {x: s[m] for x, s in spread_of.items() if m in s}}
                      for (c, points), spread_of in zip(cs, spreads[param])]
             if sum(len(line["points"]) for line in lines) >= 2:

@@ -23,8 +23,8 @@ def store(tmp_path, monkeypatch):
 def params(prior_seed=0, learn_seed=0, **learn):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["prior"]["seed"] = prior_seed
-    # the states below are written around kappa 100, whatever the default is
-    raw["learn"].update({"kappa": 100.0, **learn}, seed=learn_seed)
+    # the states below are written around kappa 100 and lambda0 1e-5, whatever the defaults are
+    raw["learn"].update({"kappa": 100.0, "weight_reg": 1e-5, **learn}, seed=learn_seed)
     return parse_params(raw)
 
 
@@ -267,10 +267,10 @@ def test_sweep_panels_put_every_curve_and_the_best_one_shot_reference_of_each_do
     # pydocs: no point on any curve, no panel
     assert panels == {"learn.tau": [
         {"domain": "wiki", "in_domain": True, "points": [(4.0, 30.0), (2.0, 29.0)], "point_spread": {4.0: seeds},
-         "others": [{"label": "learn.kappa=100.0", "points": [(4.0, 40.0)], "point_spread": {}}],
+         "others": [{"label": "kappa=100.0", "points": [(4.0, 40.0)], "point_spread": {}}],
          "references": {"dense": 15.0, "sparsegpt": 50.0}, "spread": {"sparsegpt": spread["ppl.sparsegpt.wiki"]}},
         {"domain": "shakespeare", "in_domain": False, "points": [(4.0, 200.0)], "point_spread": {},
-         "others": [{"label": "learn.kappa=100.0", "points": [(4.0, 210.0)], "point_spread": {}}],
+         "others": [{"label": "kappa=100.0", "points": [(4.0, 210.0)], "point_spread": {}}],
          "references": {"dense": 50.0, "wanda": 150.0, "sparsegpt": 160.0}, "spread": {}}]}
 
 
