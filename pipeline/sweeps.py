@@ -162,8 +162,8 @@ def other_centres(params, dataset: str, metric: str, parents: list | None = None
         values: dict[tuple, set] = {}
         for run in parents:
             p = _as_point(run.data.params, swept, current, defaults)
-            if metric in run.data.metrics and swept in p and diff(p) in keys:
-                values.setdefault(diff(p), set()).add(_point_key(p, swept))
+            if metric in run.data.metrics and swept in p and (centre := diff(p)) in keys:
+                values.setdefault(centre, set()).add(_point_key(p, swept))
         centres = sorted((k for k, v in values.items() if len(v) >= min_points), key=lambda k: (len(k), -len(values[k]), k))
         if centres:
             out[swept] = [dict(k) for k in centres]
@@ -217,7 +217,6 @@ def sweep_panels(curves: dict[str, list[tuple[dict | None, dict]]], spreads: dic
         ppl = {row: t[domain] for row, t in table.items() if domain in t}
         best = best_one_shot(ppl)
         refs = {r: ppl[r] for r in dict.fromkeys(("dense", best, "sparsegpt", "sparsegpt_maskonly")) if r in ppl}
-        rows = {row: spread[f"ppl.{row}.{domain}"] for row in table if f"ppl.{row}.{domain}" in spread}
         m = f"ppl.maskllm.{domain}"
         for param, cs in curves.items():
             # the figure's legend is narrow: the centre's params without their "learn." section
@@ -227,8 +226,13 @@ def sweep_panels(curves: dict[str, list[tuple[dict | None, dict]]], spreads: dic
             if sum(len(line["points"]) for line in lines) >= 2:
                 panels[param].append({"domain": domain, "in_domain": domain == dataset, "points": lines[0]["points"],
                                       "point_spread": lines[0]["point_spread"], "others": lines[1:],
-                                      "references": refs, "spread": rows})
+                                      "references": refs, "spread": row_spread(spread, table, domain)})
     return panels
+
+
+def row_spread(spread: dict[str, dict], rows, domain: str) -> dict[str, dict]:
+    """{row: spread of its PPL on ``domain``} for each of ``rows`` that ``spread`` (seed_spread) holds."""
+    return {row: spread[f"ppl.{row}.{domain}"] for row in rows if f"ppl.{row}.{domain}" in spread}
 
 
 def _ppl_in(metrics: dict[str, float], domain: str) -> dict[str, float]:

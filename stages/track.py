@@ -57,10 +57,7 @@ def main(params):
     seed_values = sweeps.describe_seeds(sweeps.seed_values(sweeps.seed_states(params, dataset, states)))
     domains = [dataset] + [d for d in params.evaluate.domains if d != dataset]
 
-    def row_spread(domain: str) -> dict[str, dict]:
-        return {row: spread[f"ppl.{row}.{domain}"] for row in table if f"ppl.{row}.{domain}" in spread}
-
-    seeds = max((s["n"] for s in row_spread(dataset).values()), default=1)
+    seeds = max((s["n"] for s in sweeps.row_spread(spread, table, dataset).values()), default=1)
     # ablations: MaskLLM across pipeline states that differ in one param; a sweep is one with
     # two or more in-domain points, drawn and tabled on every domain, around the current params and
     # around every former default (a state `dvc repro` ran) where a point of that sweep ran too
@@ -88,7 +85,7 @@ def main(params):
         for domain, (bars, dense) in transfers.items():
             plots.transfer(domain, bars, dense, tmp / f"transfer_{domain}.png", dpi)
         if seeds > 1:
-            plots.seed_spread(in_domain, row_spread(dataset), dataset, tmp / "seeds.png", dpi, seed_values)
+            plots.seed_spread(in_domain, sweeps.row_spread(spread, table, dataset), dataset, tmp / "seeds.png", dpi, seed_values)
         near = sweeps.neighbours(params, dataset, states)
         (tmp / "states.md").write_text(
             f"# MaskLLM in the logged pipeline states near the current params ({dataset})\n\n"
