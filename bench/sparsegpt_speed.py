@@ -24,7 +24,9 @@ it is the work done, whatever the load). Both are also given as achieved FLOP/s,
 fraction of this machine's float32 GEMM peak on the model's shapes (``bench/roofline.py``,
 measured in this process): the FLOPs are counted from the model's shapes (linear layers,
 causal attention, the Hessian panels ``InputStats`` computes, the factors and the sweeps'
-updates). ``--profile`` times each part of (b) once more. Writes bench/results/sparsegpt_speed.json.
+updates). ``--profile`` times each part of (b) once more; ``--interleave`` runs (b)
+once more with (a) timed block by block inside it (before each block's statistics pass, a plain
+forward of the block), a ratio that load drifting between whole runs cannot bias. Writes bench/results/sparsegpt_speed.json.
 """
 from __future__ import annotations
 
@@ -115,6 +117,36 @@ def profile(run, fa: float) -> dict[str, dict[str, float]]:
                 "main_thread_cpu_s": round(cpu.get(k, float("nan")), 2)} for k in wall}
 
 
+def interleaved(run) -> dict[str, float]:
+    """(a) and (b) block by block in one ``run()`` of (b): before each block's statistics pass, a plain
+    forward of that block over the same inputs (outputs discarded) is timed apart.
+
+    The two sums then share every minute of the run, so load that drifts over the minutes
+    between whole runs of (a) and (b) (measured: ±5-10 % on a shared 2-core machine) cancels
+    in their ratio.
+    """
+    owner, name = calibration, "observe_block"
+    observe = getattr(owner, name)
+    plain = [0.0]
+
+    def timed_observe(block, layers, calls, new_stats, device=None):
+        t = time.perf_counter()
+        for call in calls:
+            calibration._call(block, call, device)  # block l's share of (a)
+        plain[0] += time.perf_counter() - t
+        return observe(block, layers, calls, new_stats, device)
+
+    setattr(owner, name, timed_observe)
+    try:
+        total = timed(run)[0]
+    finally:
+        setattr(owner, name, observe)
+    forward, sparsegpt = plain[0], total - plain[0]
+    print(f"\ninterleaved, block by block: (a) {forward:.1f} s, (b) {sparsegpt:.1f} s, (b) / (a) {sparsegpt / forward:.3f}")
+    return {"forward_seconds": round(forward, 2), "sparsegpt_seconds": round(sparsegpt, 2),
+            "ratio": round(sparsegpt / forward, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default="artifacts/dense", help="HF model directory")
@@ -133,6 +165,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, help="only the first BLOCKS transformer blocks (quicker profiles)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of (b), each followed by a run of (a)")
     parser.add_argument("--profile", action="store_true", help="then time (b)'s parts in one more run")
+    parser.add_argument("--interleave", action="store_true",
+                        help="then one more run of (b) with (a) timed block by block inside it (immune to drifting load)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default="bench/results/sparsegpt_speed.json")
     args = parser.parse_args()
@@ -197,6 +231,7 @@ def main() -> None:
     print(f"{args.dtype} GEMM peak at {torch.get_num_threads()} thread(s), measured now: {peak / 1e9:.1f} GFLOP/s; FLOPs (b)/(a) "
           f"{work['sparsegpt'] / work['forward']:.2f}")
     parts = profile(sparsegpt, forward[0]) if args.profile else None
+    mixed = interleaved(sparsegpt) if args.interleave else None
 
     record = {
         "model": args.config or args.model,
@@ -223,6 +258,7 @@ def main() -> None:
         "forward_fraction_of_peak": round(roof_a, 3),
         "sparsegpt_fraction_of_peak": round(roof_b, 3),
         "profile": parts,
+        "interleaved": mixed,
         "threads": torch.get_num_threads(),
         "load_average_1min": round(os.getloadavg()[0], 2),
         "torch": torch.__version__,

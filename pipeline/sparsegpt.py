@@ -56,8 +56,14 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> tup
     dead = H.diagonal() == 0  # inputs that are always zero: their weights are zeroed
     H.diagonal()[dead] = 1
     H.diagonal().add_(percdamp * H.diagonal().mean())
-    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
-    return torch.linalg.cholesky(Hinv, upper=True), dead
+    # The reference's cholesky -> cholesky_inverse -> cholesky(upper), without forming H^-1:
+    # with J the index reversal and L the lower Cholesky factor of J H J, H = R R^T for the
+    # upper triangular R = J L J, so H^-1 = (R^-1)^T R^-1 and U = R^-1 = J L^-1 J (the same
+    # unique factor, positive diagonal). One Cholesky and one triangular solve: 1.3x faster
+    # single-threaded at width 1536, float64, where the reference's potri is the slow step.
+    L = torch.linalg.cholesky(H.flip(0, 1))
+    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+    return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1), dead
 
 
 def obs_sweep(
@@ -151,11 +157,13 @@ def sparsegpt_prune_layers(
     blocksize: int = 128,
     workers: int | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`sparsegpt_prune` of independent layers, ``[(weight, H), ...]``, up to ``workers`` at a time.
+    """:func:`sparsegpt_prune` of independent layers, ``[(weight, H), ...]``, up to ``workers`` sweeps at a time.
 
-    Every layer is pruned on one thread, so the results are those of one layer after the
+    Every layer's sweep runs on one thread, so the results are those of one layer after the
     other; ``workers`` (default: torch's thread count) puts the otherwise idle cores to work
-    on the other layers of the block. Torch ops release the GIL while they run.
+    on the other layers' sweeps. Torch ops release the GIL while they run. The ``H^-1``
+    factors come first, one after the other on all of torch's threads: LAPACK uses them well,
+    and the widest layer's factor (MLP down-projection) would otherwise be the block's long pole.
     """
     check_pattern(n, m)
     check_blocksize(blocksize, m)
@@ -169,23 +177,30 @@ def sparsegpt_prune_layers(
         workers = 1
     sweeps = {layer[0].device: sweep_for(layer[0].device) for layer in layers}  # built here, not in a worker
 
-    def prune(layer: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def factor(layer: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         weight, hessian = layer
         U, dead = inverse_hessian_factor(hessian, percdamp)
-        weight = weight.detach().to(U.dtype).masked_fill(dead[None, :], 0)
+        return weight.detach().to(U.dtype).masked_fill(dead[None, :], 0), U
+
+    def sweep(weight: torch.Tensor, U: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return sweeps[weight.device](weight, U, n, m, blocksize)
 
+    if workers == 1:  # one factor alive at a time (a 70B model's down-projection: 28672^2)
+        results = []
+        for layer in layers:
+            weight, U = factor(layer)
+            with one_thread():
+                results.append(sweep(weight, U))
+        return results
+    factored = [factor(layer) for layer in layers]
+    # the longest sweeps (most weights) first: the last one to start is then a short one,
+    # and the workers finish together
+    order = sorted(range(len(layers)), key=lambda i: layers[i][0].numel(), reverse=True)
     # one_thread is entered once, here: new threads take torch's global thread count (1)
     # when they first run a parallel op, and none of them changes it
-    with one_thread():
-        if workers == 1:
-            return [prune(layer) for layer in layers]
-        # the widest layers first (their H^-1 factor and sweep take longest): the last one
-        # to start is then a short one, and the workers finish together
-        order = sorted(range(len(layers)), key=lambda i: tuple(layers[i][0].shape[::-1]), reverse=True)
-        with ThreadPoolExecutor(workers) as pool:
-            results = dict(zip(order, pool.map(prune, [layers[i] for i in order])))
-        return [results[i] for i in range(len(layers))]
+    with one_thread(), ThreadPoolExecutor(workers) as pool:
+        results = dict(zip(order, pool.map(lambda i: sweep(*factored[i]), order)))
+    return [results[i] for i in range(len(layers))]
 
 
 def check_blocksize(blocksize: int, m: int) -> None:
