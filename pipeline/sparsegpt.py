@@ -192,6 +192,8 @@ def sparsegpt_prune_layers(
             with one_thread():
                 results.append(sweep(weight, U))
         return results
+    # every factor of the block at once: as much memory again as the block's Hessians, which the
+    # statistics pass holds anyway (a CPU-sized model; accelerators take the path above)
     factored = [factor(layer) for layer in layers]
     # the longest sweeps (most weights) first: the last one to start is then a short one,
     # and the workers finish together
