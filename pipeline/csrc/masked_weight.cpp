@@ -13,6 +13,8 @@
 // The noise is a pure function of (key, index): nothing is stored for backward, every rank and a
 // resumed run draw the same noise, and the result does not depend on the thread count (groups
 // are processed in fixed tiles; the squared norm is summed tile by tile in order).
+// Each tile gathers its weights (and gradients) into [k][t] columns, so that every loop over the
+// tile's groups vectorises; only the moves between layouts are scalar.
 // Minimal headers (not torch/extension.h): the first-use build takes seconds, not minutes.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -22,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -31,6 +34,7 @@
 namespace {
 
 constexpr int64_t kTile = 64;       // groups per tile: loops over a tile vectorise
+constexpr float kLogFltMin = -87.33654f;  // log(FLT_MIN), libmvec expf's fast-path bound
 constexpr int64_t kMaxCands = 128;  // C(M, N) handled here (2:4 -> 6, 4:8 -> 70); larger: torch path
 
 inline uint32_t lowbias32(uint32_t x) {  // C. Wellons' 32-bit integer hash (a bijection)
@@ -44,7 +48,10 @@ inline uint32_t lowbias32(uint32_t x) {  // C. Wellons' 32-bit integer hash (a b
 
 // Subnormal results are flushed to zero, as FTZ would (whatever the process's FTZ setting): late in
 // the schedule most soft-mask entries underflow, and subnormals slow every CPU op that reads them.
-inline float flush(float v) { return std::fabs(v) < FLT_MIN ? 0.f : v; }
+inline float flush(float v) {  // branch-free: late in the schedule half the entries flush, unpredictably
+  uint32_t bits = std::bit_cast<uint32_t>(v);
+  return std::bit_cast<float>(bits & (0U - static_cast<uint32_t>((bits & 0x7f800000U) != 0)));
+}
 
 // u = (2j + 1) / 2^24 with j the top 23 bits of the hash: exactly representable, in (0, 1).
 inline float uniform(uint32_t index, uint32_t key0, uint32_t key1) {  // index = g * C + c < 2^32
@@ -54,16 +61,38 @@ inline float uniform(uint32_t index, uint32_t key0, uint32_t key1) {  // index =
 
 struct Layout {  // the weight as a logical [B, R, K] view; groups of M run along K
   int64_t R, K, sB, sR, sK;
-  explicit Layout(const at::Tensor& t) : R(t.size(1)), K(t.size(2)), sB(t.stride(0)), sR(t.stride(1)), sK(t.stride(2)) {}
+  bool dense;  // row-major contiguous: group g starts at g * M
+  explicit Layout(const at::Tensor& t)
+      : R(t.size(1)), K(t.size(2)), sB(t.stride(0)), sR(t.stride(1)), sK(t.stride(2)),
+        dense(sK == 1 && sR == K && (t.size(0) == 1 || sB == R * K)) {}
   // offsets of element 0 of the n groups from g0 on (g = (b * R + r) * K/M + j), one division per tile
   void bases(int64_t g0, int64_t n, int64_t M, int64_t* out) const {
-    int64_t per_row = K / M, row = g0 / per_row, j = g0 % per_row;
+    int64_t per_row = K / M, row = g0 / per_row, j = g0 % per_row, b = row / R, r = row % R;
     for (int64_t t = 0; t < n; ++t) {
-      out[t] = (row / R) * sB + (row % R) * sR + j * M * sK;
-      if (++j == per_row) j = 0, ++row;
+      out[t] = b * sB + r * sR + j * M * sK;
+      if (++j == per_row) {
+        j = 0;
+        if (++r == R) r = 0, ++b;
+      }
     }
   }
 };
+
+// buf[k * kTile + t] = float(src[group t's element k]) for the n groups of a tile; lanes t >= n: 0
+template <typename scalar_t, int64_t MT>
+inline void gather(const Layout& l, const scalar_t* __restrict src, int64_t g0, int64_t n, int64_t M,
+                   const int64_t* bases, float* __restrict buf) {
+  if (l.dense && MT) {
+    const scalar_t* __restrict s = src + g0 * MT;
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t k = 0; k < MT; ++k) buf[k * kTile + t] = static_cast<float>(s[t * MT + k]);
+  } else {
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t k = 0; k < M; ++k) buf[k * kTile + t] = static_cast<float>(src[bases[t] + k * l.sK]);
+  }
+  for (int64_t k = 0; k < M; ++k)
+    for (int64_t t = n; t < kTile; ++t) buf[k * kTile + t] = 0.f;
+}
 
 struct Problem {
   int64_t G, C, M;
@@ -123,7 +152,12 @@ struct Tile {
     for (int64_t c = 0; c < nc; ++c) {
       float* __restrict yc = y + c * kTile;
       for (int64_t t = 0; t < kTile; ++t) {
-        yc[t] = std::exp(yc[t] - mx[t]);
+        // exp(x) for x < log(FLT_MIN) is a subnormal that flushes to 0 in y and leaves the sum (>= 1,
+        // the maximum's exp(0)) unchanged: 0 gives the same bits, without libmvec's scalar fallback
+        // for such lanes, which late in the schedule (tau -> 0.05) is most of them
+        const float x = yc[t] - mx[t];
+        const float e = std::exp(std::fmax(x, kLogFltMin));
+        yc[t] = x < kLogFltMin ? 0.f : e;
         sum[t] += yc[t];
       }
     }
@@ -176,24 +210,30 @@ std::pair<double, double> forward_impl(const Problem& p, const float* pi, const 
   int64_t tiles = (p.G + kTile - 1) / kTile;
   std::vector<double> partial(tiles, 0.0), confidence(tiles, 0.0);
   parallel_tiles(tiles, threads, [&](int64_t t0, int64_t t1) {
-    std::vector<float> y(C * kTile), mask(M * kTile);
+    std::vector<float> y(C * kTile), mask(M * kTile), wb(M * kTile), sv(M * kTile);
     alignas(32) float top[kTile];
     int64_t bw[kTile], bo[kTile];
     for (int64_t tile = t0; tile < t1; ++tile) {
       int64_t g0 = tile * kTile, n = std::min(kTile, p.G - g0);
       T::sample(p, pi, g0, n, y.data());
       T::mix(p, y.data(), mask.data());
-      lw.bases(g0, n, M, bw);
-      lo.bases(g0, n, M, bo);
+      if (!lw.dense) lw.bases(g0, n, M, bw);
+      if (!lo.dense) lo.bases(g0, n, M, bo);
+      gather<scalar_t, MT>(lw, W, g0, n, M, bw, wb.data());
+      for (int64_t i = 0; i < M * kTile; ++i)  // the product as stored (scalar_t), read back as float
+        sv[i] = static_cast<float>(static_cast<scalar_t>(flush(wb[i] * mask[i])));
+      if (lo.dense && MT) {
+        scalar_t* __restrict o = O + g0 * MT;
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t k = 0; k < MT; ++k) o[t * MT + k] = static_cast<scalar_t>(sv[k * kTile + t]);
+      } else {
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t k = 0; k < M; ++k) O[bo[t] + k * lo.sK] = static_cast<scalar_t>(sv[k * kTile + t]);
+      }
+      // ||out||^2 of the tile (lanes t >= n are 0), in whatever order the compiler vectorises: only the
+      // loss's value reads it (its gradient is the constant g_sq), and tiles are summed in order below
       double sq = 0.0;
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t k = 0; k < M; ++k) {
-          float v = flush(static_cast<float>(W[bw[t] + k * lw.sK]) * mask[k * kTile + t]);
-          scalar_t stored = static_cast<scalar_t>(v);
-          O[bo[t] + k * lo.sK] = stored;
-          float s = static_cast<float>(stored);
-          sq += static_cast<double>(s) * s;
-        }
+      for (int64_t i = 0; i < M * kTile; ++i) sq += static_cast<double>(sv[i]) * sv[i];
       partial[tile] = sq;
       std::fill(top, top + kTile, 0.f);
       for (int64_t c = 0; c < C; ++c)
@@ -219,20 +259,18 @@ void backward_impl(const Problem& p, const float* pi, const at::Tensor& w, const
   int64_t tiles = (p.G + kTile - 1) / kTile;
   float scale = p.kappa * p.inv_tau;
   parallel_tiles(tiles, threads, [&](int64_t t0, int64_t t1) {
-    std::vector<float> y(C * kTile), dy(C * kTile), mask(M * kTile), dm(M * kTile, 0.f), dot(kTile);
+    std::vector<float> y(C * kTile), dy(C * kTile), mask(M * kTile), dm(M * kTile), wb(M * kTile), gb(M * kTile),
+        dot(kTile);
     int64_t bw[kTile], bg[kTile];
     for (int64_t tile = t0; tile < t1; ++tile) {
       int64_t g0 = tile * kTile, n = std::min(kTile, p.G - g0);
       T::sample(p, pi, g0, n, y.data());
       T::mix(p, y.data(), mask.data());
-      lw.bases(g0, n, M, bw);
-      lg.bases(g0, n, M, bg);
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t k = 0; k < M; ++k) {
-          float wv = static_cast<float>(W[bw[t] + k * lw.sK]);
-          float go = static_cast<float>(GO[bg[t] + k * lg.sK]);
-          dm[k * kTile + t] = go * wv + 2.f * gsq * wv * wv * mask[k * kTile + t];
-        }
+      if (!lw.dense) lw.bases(g0, n, M, bw);
+      if (!lg.dense) lg.bases(g0, n, M, bg);
+      gather<scalar_t, MT>(lw, W, g0, n, M, bw, wb.data());
+      gather<scalar_t, MT>(lg, GO, g0, n, M, bg, gb.data());
+      for (int64_t i = 0; i < M * kTile; ++i) dm[i] = gb[i] * wb[i] + 2.f * gsq * wb[i] * wb[i] * mask[i];
       std::fill(dot.begin(), dot.end(), 0.f);
       for (int64_t c = 0; c < C; ++c) {
         float* __restrict dyc = dy.data() + c * kTile;
@@ -242,9 +280,14 @@ void backward_impl(const Problem& p, const float* pi, const at::Tensor& w, const
           for (int64_t t = 0; t < kTile; ++t) dyc[t] += dm[k * kTile + t];
         for (int64_t t = 0; t < kTile; ++t) dot[t] += yc[t] * dyc[t];
       }
+      for (int64_t c = 0; c < C; ++c) {  // the gradient in [c][t], then written out as [t][c]
+        float* __restrict dyc = dy.data() + c * kTile;
+        const float* __restrict yc = y.data() + c * kTile;
+        for (int64_t t = 0; t < kTile; ++t) dyc[t] = flush(scale * yc[t] * (dyc[t] - dot[t]));
+      }
+      float* __restrict g = gpi + g0 * C;
       for (int64_t t = 0; t < n; ++t)
-        for (int64_t c = 0; c < C; ++c)
-          gpi[(g0 + t) * p.C + c] = flush(scale * y[c * kTile + t] * (dy[c * kTile + t] - dot[t]));
+        for (int64_t c = 0; c < C; ++c) g[t * C + c] = dy[c * kTile + t];
     }
   });
 }
