@@ -6,7 +6,7 @@ Time: both variants live in ONE process and their steps alternate (warm-up first
 load from other processes hits both alike; the median per step is reported.
 Peak memory: each variant runs alone in a subprocess (CPU: ru_maxrss, which includes the
 interpreter and the model; CUDA: torch.cuda.max_memory_allocated).
-Writes bench/results/maskllm_step.json.
+Writes bench/results/maskllm_step.json (or --out).
 Roofline: each variant's FLOPs per step (counted from the model's shapes: forward, input
 gradients, and the weight gradients it computes) over its median step time, as a fraction of
 this machine's float32 GEMM peak on the model's shapes (bench/roofline.py, measured in this process).
@@ -168,6 +168,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--m", type=int, default=4)
+    ap.add_argument("--out", default=str(RESULTS), help="where the JSON goes (one file per machine)")
     ap.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)  # subprocess mode
     args = ap.parse_args()
     if args.variant:
@@ -202,9 +203,10 @@ def main() -> None:
         print("achieved FLOP/s, fraction of the GEMM peak (" + f"{gemm / 1e9:.1f} GFLOP/s): "
               + ", ".join(f"{name} {work[name] / median[name] / 1e9:.1f} GFLOP/s = {work[name] / median[name] / gemm:.2f}"
                           for name in VARIANTS))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
