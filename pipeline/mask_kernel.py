@@ -129,20 +129,25 @@ def cpp_kernel():
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
-        # built from a copy named by its content: every checkout of the same source (the test
-        # suite's temporary repositories, DVC's queued experiments) reuses one build instead of
+        # -ffast-math lets gcc vectorise log/exp (glibc's libmvec); every group's arithmetic is
+        # the same whatever the thread count, so results stay deterministic. -fopenmp: at::parallel_for
+        # runs the tiles on torch's OpenMP pool (the process already holds torch's libgomp.so.1, which
+        # the loader reuses for ours: one pool, not two)
+        cflags = ["-O3", "-march=native", "-ffast-math", "-std=c++20", "-fopenmp"]
+        ldflags = ["-fopenmp"]
+        # built from a copy named by its content and flags: every checkout of the same source (the
+        # test suite's temporary repositories, DVC's queued experiments) reuses one build instead of
         # rebuilding because the source path changed
         code = CSRC.read_bytes()
-        name = f"maskllm_masked_weight_{hashlib.sha256(code).hexdigest()[:12]}"
+        digest = hashlib.sha256(code + " ".join(cflags + ldflags).encode()).hexdigest()[:12]
+        name = f"maskllm_masked_weight_{digest}"
         source = Path(_get_build_directory(name, verbose=False)) / CSRC.name
         if not source.is_file() or source.read_bytes() != code:
             tmp = source.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_bytes(code)
             os.replace(tmp, source)
-        # -ffast-math lets gcc vectorise log/exp (glibc's libmvec); every group's arithmetic is
-        # the same whatever the thread count, so results stay deterministic
         load(name=name, sources=[str(source)], verbose=False, is_python_module=False,
-             extra_cflags=["-O3", "-march=native", "-ffast-math", "-std=c++20"])
+             extra_cflags=cflags, extra_ldflags=ldflags)
         return _Ops(torch.ops.maskllm)
     except Exception as e:  # no compiler, no ninja, unsupported platform
         if os.environ.get("MASKLLM_KERNEL") == "cpp":

@@ -102,12 +102,16 @@ def test_kernel_is_the_same_for_any_thread_count(kernel):
     weight = torch.randn(300, 64, generator=torch.Generator().manual_seed(0))  # 4,800 groups: many tiles
     logits = torch.randn(weight.numel() // 4, 6, generator=torch.Generator().manual_seed(1)) * 0.01
     grad_out = torch.randn_like(weight)
-    runs = []
-    for threads in (1, 2, 3):
-        out = torch.empty_like(weight)
-        sq, conf = kernel.forward(weight[None], out[None], logits, S, 1, 2, 100.0, 0.5, threads)
-        g = kernel.backward(grad_out[None], -0.1, weight[None], logits, S, 1, 2, 100.0, 0.5, threads)
-        runs.append((out, sq, conf, g))
+    runs, before = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)  # the kernel runs on torch's pool: give it that many threads
+            out = torch.empty_like(weight)
+            sq, conf = kernel.forward(weight[None], out[None], logits, S, 1, 2, 100.0, 0.5, threads)
+            g = kernel.backward(grad_out[None], -0.1, weight[None], logits, S, 1, 2, 100.0, 0.5, threads)
+            runs.append((out, sq, conf, g))
+    finally:
+        torch.set_num_threads(before)
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)

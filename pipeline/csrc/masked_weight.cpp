@@ -17,6 +17,7 @@
 // tile's groups vectorises; only the moves between layouts are scalar.
 // Minimal headers (not torch/extension.h): the first-use build takes seconds, not minutes.
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -28,7 +29,6 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
-#include <thread>
 #include <vector>
 
 namespace {
@@ -181,7 +181,9 @@ struct Tile {
   }
 };
 
-// run fn(tile_begin, tile_end) over [0, tiles) on `threads` threads, contiguous ranges
+// run fn(tile_begin, tile_end) over [0, tiles) on at most `threads` threads, contiguous ranges, on torch's
+// own (OpenMP) intra-op pool: threads of our own would share the cores with that pool's workers, which
+// spin for a while after every torch op, and would run ~1.8x slower inside a training step than alone
 template <typename F>
 void parallel_tiles(int64_t tiles, int64_t threads, const F& fn) {
   threads = std::max<int64_t>(1, std::min(threads, tiles));
@@ -189,14 +191,7 @@ void parallel_tiles(int64_t tiles, int64_t threads, const F& fn) {
     fn(0, tiles);
     return;
   }
-  std::vector<std::thread> pool;
-  int64_t per = (tiles + threads - 1) / threads;
-  for (int64_t i = 1; i < threads; ++i) {
-    int64_t b = i * per, e = std::min(tiles, b + per);
-    if (b < e) pool.emplace_back([&fn, b, e] { fn(b, e); });
-  }
-  fn(0, std::min(tiles, per));
-  for (auto& th : pool) th.join();
+  at::parallel_for(0, tiles, (tiles + threads - 1) / threads, fn);  // the grain caps the threads used
 }
 
 template <typename scalar_t, int64_t CT, int64_t MT>
