@@ -7,6 +7,8 @@ load from other processes hits both alike; the median per step is reported.
 Peak memory: each variant runs alone in a subprocess (CPU: ru_maxrss, which includes the
 interpreter and the model; CUDA: torch.cuda.max_memory_allocated).
 Writes bench/results/maskllm_step.json (or --out).
+Malloc: as the pipeline's stages on CPU, glibc keeps freed memory for reuse (pipeline.stage.
+keep_freed_memory); --default-malloc measures both steps under glibc's defaults instead.
 Roofline: each variant's FLOPs per step (counted from the model's shapes: forward, input
 gradients, and the weight gradients it computes) over its median step time, as a fraction of
 this machine's float32 GEMM peak on the model's shapes (bench/roofline.py, measured in this process).
@@ -34,6 +36,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import maskllm  # noqa: E402
 from pipeline.mask_kernel import kernel_name  # noqa: E402
+from pipeline.stage import keep_freed_memory  # noqa: E402
 from roofline import gemm_peak, model_shapes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "maskllm_step.json"
@@ -138,6 +141,7 @@ def peak_rss_mib() -> float:
 def peak_memory(args, variant: str) -> float:
     cmd = [sys.executable, __file__, args.model, "--variant", variant, "--device", args.device,
            "--batch", str(args.batch), "--seqlen", str(args.seqlen), "--n", str(args.n), "--m", str(args.m)]
+    cmd += ["--default-malloc"] if args.default_malloc else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
@@ -169,8 +173,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--m", type=int, default=4)
     ap.add_argument("--out", default=str(RESULTS), help="where the JSON goes (one file per machine)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="glibc's default malloc settings, not the stages' (pipeline.stage.keep_freed_memory)")
     ap.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)  # subprocess mode
     args = ap.parse_args()
+    kept = False if args.default_malloc else keep_freed_memory()
     if args.variant:
         return peak_memory_child(args)
 
@@ -184,7 +191,7 @@ def main() -> None:
         "model": args.model, "device": args.device, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "machine": platform.machine(),
         "batch": args.batch, "seqlen": args.seqlen, "n": args.n, "m": args.m, "mask_kernel": kernel_name(args.device, math.comb(args.m, args.n)),
-        "steps": args.steps, "warmup": args.warmup,
+        "steps": args.steps, "warmup": args.warmup, "malloc_keeps_freed_memory": kept,
         "step_s": wall, "step_cpu_s": cpu,
         "median_step_s": median, "median_step_cpu_s": median_cpu, "peak_mib": peak,
         "time_ratio": median["maskllm"] / median["dense"],

@@ -44,6 +44,7 @@ from pipeline.calibration import InputStats, prune_blockwise
 from pipeline.data import load_tokens, sample_windows
 from pipeline.io import write_json
 from pipeline.oneshot import prune_oneshot
+from pipeline.stage import keep_freed_memory
 from roofline import gemm_peak, model_shapes
 
 
@@ -168,6 +169,8 @@ def main() -> None:
     parser.add_argument("--interleave", action="store_true",
                         help="then one more run of (b) with (a) timed block by block inside it (immune to drifting load)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="glibc's default malloc settings, not the stage's (pipeline.stage.keep_freed_memory)")
     parser.add_argument("--out", default="bench/results/sparsegpt_speed.json")
     args = parser.parse_args()
     keys = ("nsamples", "seqlen", "blocksize", "percdamp", "seed", "dtype", "n", "m")
@@ -181,6 +184,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as the prior stage (pipeline.stage.run_stage)
+    kept = False if args.default_malloc else keep_freed_memory()  # as the prior stage, on CPU
 
     if args.config:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -259,7 +263,7 @@ def main() -> None:
         "sparsegpt_fraction_of_peak": round(roof_b, 3),
         "profile": parts,
         "interleaved": mixed,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "malloc_keeps_freed_memory": kept,
         "load_average_1min": round(os.getloadavg()[0], 2),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),

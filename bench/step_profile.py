@@ -1,4 +1,4 @@
-"""Where the time of a dense training step and of an evaluation goes, against the GEMM peak.
+"""Where the time of a dense training step, an evaluation and a MaskLLM step goes, against the GEMM peak.
 
     .venv/bin/python bench/step_profile.py artifacts/dense          # 2 x 512 train step, 4 x 512 eval batch
 
@@ -10,11 +10,13 @@ under torch.profiler after a warm-up, and its ops' self CPU time is summed by ki
   attention  scaled-dot-product attention, forward and backward
   vocab      log-softmax / NLL over the 49,152-entry vocabulary and their backward
   optimizer  AdamW (fused) and the gradient clipping
+  mask       the fused mask kernel (MaskLLM step only), forward and backward
   other      every other op: elementwise (RMSNorm, SiLU, RoPE, residuals), copies, allocations
 
 The GEMM share is then turned into FLOP/s (the FLOPs of bench/maskllm_step.py's count over the
 GEMM ops' time) and compared with the peak measured in this process (bench/roofline.py): if the
-GEMMs themselves reach the peak, the rest of the step is what limits it. A third part times the
+GEMMs themselves reach the peak, the rest of the step is what limits it. The MaskLLM step of the
+same batch is profiled the same way, kind by kind against the dense step. A last part times the
 phases of one evaluation stage (`python -m stages.evaluate`): imports, model load + mask,
 forward passes. Writes bench/results/step_profile.json.
 """
@@ -32,11 +34,12 @@ from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from maskllm_step import dense_variant, step_flops  # noqa: E402
+from maskllm_step import dense_variant, maskllm_variant, step_flops  # noqa: E402
 from roofline import gemm_peak, machine  # noqa: E402
 
 from pipeline.evaluate import window_losses  # noqa: E402
 from pipeline.io import write_json  # noqa: E402
+from pipeline.stage import keep_freed_memory  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_profile.json"
 KINDS = {
@@ -44,6 +47,7 @@ KINDS = {
     "attention": ("scaled_dot_product", "flash_attention", "efficient_attention"),
     "vocab": ("log_softmax", "nll_loss", "cross_entropy"),
     "optimizer": ("adam", "clip_grad", "aten::_foreach", "aten::norm", "linalg_vector_norm"),
+    "mask": ("maskllm::", "_MaskedWeight"),  # the fused mask kernel, forward and backward (MaskLLM step only)
 }
 
 
@@ -93,12 +97,15 @@ def report(name: str, wall: float, kinds: dict[str, float], flops: float, gemm_f
     return row
 
 
-def eval_stage_phases(row: str, domain: str) -> dict:
+def eval_stage_phases(row: str, domain: str, keep_freed: bool) -> dict:
     """Wall seconds of each phase of one evaluation stage, in a fresh process as DVC runs it."""
     code = f"""
 import time, json
 t0 = time.perf_counter()
 import torch
+from pipeline.stage import keep_freed_memory
+if {keep_freed!r}:
+    keep_freed_memory()  # as run_stage does
 from pipeline.data import load_tokens
 from pipeline.evaluate import perplexity
 from pipeline.row_model import build_row_model
@@ -125,7 +132,10 @@ def main() -> None:
     ap.add_argument("--eval-row", default="maskllm", help="row of the timed evaluation stage ('' to skip it)")
     ap.add_argument("--eval-domain", default="wiki")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="glibc's default malloc settings, not the stages' (pipeline.stage.keep_freed_memory)")
     args = ap.parse_args()
+    kept = False if args.default_malloc else keep_freed_memory()
     threads = torch.get_num_threads()
     peak = gemm_peak()
     print(f"float32 GEMM peak in this process: {peak / 1e9:.1f} GFLOP/s on {threads} threads")
@@ -157,10 +167,21 @@ def main() -> None:
                       eval_flops - attention_share / 3 * 2, peak)
     evaluate["top_ops"] = top_eval
 
+    # (c) the MaskLLM step on the same batch (pipeline.maskllm.train_step), for what it adds to (a)
+    del model, step
+    mstep = maskllm_variant(argparse.Namespace(**vars(ns), n=2, m=4))
+    mstep(ids, 0)
+    wall, kinds, top_mask = profiled(lambda: mstep(ids, 1), args.rounds)
+    mflops = step_flops(args.model, 2, 512)["maskllm"]
+    mask = report("MaskLLM step (2 x 512)", wall, kinds, mflops, mflops - attention_share, peak)
+    mask["top_ops"] = top_mask
+    print("  against the dense step, self s: " + ", ".join(
+        f"{k} {kinds[k] - train['self_s'][k]:+.2f}" for k in kinds))
+
     record = {"peak_flops_per_s": peak, "threads": threads, "train_step": train, "eval_batch": evaluate,
-              **machine()}
+              "maskllm_step": mask, "malloc_keeps_freed_memory": kept, **machine()}
     if args.eval_row:
-        phases = eval_stage_phases(args.eval_row, args.eval_domain)
+        phases = eval_stage_phases(args.eval_row, args.eval_domain, not args.default_malloc)
         record["eval_stage"] = phases
         print(f"\nevaluation stage {args.eval_row} @ {args.eval_domain} in a fresh process: {phases['process_s']:.1f} s = "
               f"imports {phases['imports_s']:.1f} + load and mask {phases['load_and_mask_s']:.1f} + forwards "
