@@ -52,9 +52,10 @@ def keep_freed_memory() -> bool:
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
             k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):
         return False
-    from pipeline.modeling import default_device
-
-    if default_device() != "cpu":
+    torch = sys.modules["torch"]
+    # pipeline.modeling.default_device's choice, not imported from it: every stage, torch-free ones
+    # too, would then depend on the model-loading code (tests/test_dvc_deps.py)
+    if (os.environ.get("MASKLLM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu":
         return False
     libc = ctypes.CDLL("libc.so.6")
     # -1: never trim (man mallopt); 0 mmaps: every block from the heap, reusable once freed
