@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import maskllm  # noqa: E402
+from pipeline.io import write_json  # noqa: E402
 from pipeline.mask_kernel import kernel_name  # noqa: E402
 from pipeline.stage import keep_freed_memory  # noqa: E402
 from roofline import gemm_peak, model_shapes  # noqa: E402
@@ -210,10 +211,8 @@ def main() -> None:
         print("achieved FLOP/s, fraction of the GEMM peak (" + f"{gemm / 1e9:.1f} GFLOP/s): "
               + ", ".join(f"{name} {work[name] / median[name] / 1e9:.1f} GFLOP/s = {work[name] / median[name] / gemm:.2f}"
                           for name in VARIANTS))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(Path(args.out), result)  # makes the folder, writes atomically
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
