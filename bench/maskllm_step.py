@@ -15,7 +15,9 @@ this machine's float32 GEMM peak on the model's shapes (bench/roofline.py, measu
 
   dense step:   forward, CE, backward, clip 1.0, AdamW (all weights trainable), cosine lr step
   MaskLLM step: sample every mask, forward, CE - lambda*||W*M||^2, backward to the logits,
-                clip 1.0, AdamW (logits only), cosine lr step  (pipeline.maskllm.train_step)
+                clip 1.0, AdamW (logits only), cosine lr step  (pipeline.maskllm.train_step;
+                W * mask recomputed in backward, as learn runs it)
+  maskllm_kept: the same with every W * mask kept from the forward to the backward (learn under FSDP)
 """
 from __future__ import annotations
 
@@ -67,10 +69,12 @@ def dense_variant(args):
     return step
 
 
-def maskllm_variant(args):
-    """A closure running one MaskLLM step (pipeline.maskllm.train_step)."""
+def maskllm_variant(args, recompute: bool = True):
+    """A closure running one MaskLLM step (pipeline.maskllm.train_step); ``recompute``: W * mask recomputed in
+    backward (what learn does, but under FSDP) or kept from the forward (maskllm_kept)."""
     model = load(args)
     masks = maskllm.attach_masks(model, args.n, args.m)
+    masks.recompute_weights = recompute
     optimizer, lr_schedule = maskllm.make_optimizer(masks, lr=5e-4, steps=1000)
     schedule = maskllm.Schedule(steps=1000)
 
@@ -79,7 +83,8 @@ def maskllm_variant(args):
     return step
 
 
-VARIANTS = {"dense": dense_variant, "maskllm": maskllm_variant}
+VARIANTS = {"dense": dense_variant, "maskllm": maskllm_variant,
+            "maskllm_kept": lambda args: maskllm_variant(args, recompute=False)}
 
 
 def sync(device: str) -> None:
@@ -160,7 +165,7 @@ def step_flops(model_dir: str, batch: int, seqlen: int) -> dict[str, float]:
     q = shapes["q_proj"][0]
     attention = 2 * 2 * q * (seqlen + 1) / 2 * tokens * config["num_hidden_layers"]  # QK^T, AV: causal half
     forward = block + head + attention
-    return {"dense": 3 * forward, "maskllm": 3 * forward - head}
+    return {"dense": 3 * forward, "maskllm": 3 * forward - head, "maskllm_kept": 3 * forward - head}
 
 
 def main() -> None:
@@ -198,15 +203,23 @@ def main() -> None:
         "time_ratio": median["maskllm"] / median["dense"],
         "cpu_time_ratio": median_cpu["maskllm"] / median_cpu["dense"],
         "memory_ratio": peak["maskllm"] / peak["dense"],
+        # what recomputing W * mask in backward costs and saves, against keeping it (same process, same steps)
+        "recompute_vs_kept": {"time": median["maskllm"] / median["maskllm_kept"],
+                              "cpu_time": median_cpu["maskllm"] / median_cpu["maskllm_kept"],
+                              "memory": peak["maskllm"] / peak["maskllm_kept"]},
         "memory_kind": "cuda max_memory_allocated" if args.device.startswith("cuda") else "ru_maxrss (whole process)",
         "flops_per_step": work, "gemm_peak_flops_per_s": gemm,
         "achieved_flops_per_s": {name: work[name] / median[name] for name in VARIANTS},
         "fraction_of_peak": {name: work[name] / median[name] / gemm for name in VARIANTS} if gemm else None,
     }
-    print(f"{'variant':10s} {'median step (s)':>16s} {'CPU s/step':>11s} {'peak (MiB)':>11s}")
+    print(f"{'variant':12s} {'median step (s)':>16s} {'CPU s/step':>11s} {'peak (MiB)':>11s}")
     for name in VARIANTS:
-        print(f"{name:10s} {median[name]:16.3f} {median_cpu[name]:11.3f} {peak[name]:11.0f}")
-    print(f"{'ratio':10s} {result['time_ratio']:16.2f} {result['cpu_time_ratio']:11.2f} {result['memory_ratio']:11.2f}")
+        print(f"{name:12s} {median[name]:16.3f} {median_cpu[name]:11.3f} {peak[name]:11.0f}")
+    print(f"{'ratio':12s} {result['time_ratio']:16.2f} {result['cpu_time_ratio']:11.2f} {result['memory_ratio']:11.2f}"
+          "   (maskllm / dense)")
+    kept = result["recompute_vs_kept"]
+    print(f"{'ratio':12s} {kept['time']:16.2f} {kept['cpu_time']:11.2f} {kept['memory']:11.2f}"
+          "   (maskllm / maskllm_kept: W * mask recomputed in backward / kept)")
     if gemm:
         print("achieved FLOP/s, fraction of the GEMM peak (" + f"{gemm / 1e9:.1f} GFLOP/s): "
               + ", ".join(f"{name} {work[name] / median[name] / 1e9:.1f} GFLOP/s = {work[name] / median[name] / gemm:.2f}"

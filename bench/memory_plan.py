@@ -419,7 +419,7 @@ class LearnSetup:
     kernel: str = ""  # masked_weight: torch (ops under autograd) | cpp (the CPU kernel); "": as the device uses
     # False (the code): each block caches its layers' W * mask only while it runs (pipeline.maskllm
     # _cache_in); True: a cache over the whole forward (what the code did before; it matters with
-    # activation checkpointing only: without it, F.linear keeps every W * mask for backward anyway)
+    # activation checkpointing only: without it, autograd keeps recipes of W * mask (FSDP: every W * mask))
     weight_cache: bool = False
 
     def check(self) -> None:
@@ -504,6 +504,10 @@ def plan_learn(config_path: str | Path, s: LearnSetup) -> Plan:
     costs = {t.name: (mask_cost(t.shape, s.n, s.m, s.dtype) if torch_path else MaskCost(0, 0, t.numel * bw))
              for t in sh.targets}
     kept = [sum(costs[t.name].saved for t in sh.block_targets(b)) for b in range(sh.blocks)]
+    # pipeline.maskllm.RecomputedWeights (learn: all but FSDP): autograd keeps a recipe, not W * mask, and
+    # each block's backward recomputes its layers' (the C++ kernel also leaves each layer's sample y there)
+    recompute = not fsdp
+    samples = [0 if torch_path else sum(logits(t, False) for t in sh.block_targets(b)) for b in range(sh.blocks)]
     saved = [a + w + k for a, w, k in zip(activations, masked, kept)]
     grads = [sum(logits(t) for t in sh.block_targets(b)) for b in range(sh.blocks)]
     hidden_in = tokens * sh.hidden * bw  # a block's input: what a checkpointed block keeps
@@ -520,7 +524,8 @@ def plan_learn(config_path: str | Path, s: LearnSetup) -> Plan:
         fwd_saved = {"block inputs (checkpoints)": hidden_in * sh.blocks,
                      "masked weights (cached)": sum(masked) if s.weight_cache else max(masked)}
     else:
-        fwd_saved = {"activations": sum(activations), "masked weights": sum(masked), "mask intermediates": sum(kept)}
+        fwd_saved = {"activations": sum(activations), "masked weights": 0 if recompute else sum(masked),
+                     "mask intermediates": sum(kept)}
     last = sh.blocks - 1
     # (FSDP2 reshards every block after its forward; backward gathers them again, from the last)
     moments["loss forward"] = {**static, **fwd_saved, "loss": loss_fwd}
@@ -530,6 +535,9 @@ def plan_learn(config_path: str | Path, s: LearnSetup) -> Plan:
     for b in reversed(range(sh.blocks)):
         if s.activation_checkpointing:
             alive = {"block inputs (checkpoints)": hidden_in * (b + 1), "recomputed block": saved[b]}
+        elif recompute:
+            alive = {"activations": sum(activations[: b + 1]), "recomputed masked weights": masked[b] + samples[b],
+                     "mask intermediates": sum(kept[: b + 1])}
         else:
             alive = {"activations": sum(activations[: b + 1]), "masked weights": sum(masked[: b + 1]),
                      "mask intermediates": sum(kept[: b + 1])}
@@ -550,6 +558,8 @@ def plan_learn(config_path: str | Path, s: LearnSetup) -> Plan:
     if fwd_worst:
         moments["forward (mask sampling)"] = {**static, **fwd_saved, "layer forward transient": fwd_worst,
                                               "gathered blocks": gathered * unsharded(last)}
+    if recompute and not s.activation_checkpointing:  # the running block's cache of W * mask
+        moments["forward (last block)"] = {**static, **fwd_saved, "masked weights (block cache)": masked[last]}
     # optimizer: AdamW fused (plain parameters) or foreach on CUDA DTensors (one temporary per state tensor)
     opt_tmp = local_logits if fsdp and s.device == "cuda" else (max(logits(t) for t in sh.targets) if fsdp else 0)
     moments["optimizer step"] = {**static, "gradients": sum(grads), "optimizer temporaries": opt_tmp}
@@ -566,6 +576,8 @@ def plan_learn(config_path: str | Path, s: LearnSetup) -> Plan:
     notes = [f"attention counted as {s.attention} SDPA keeps it",
              "masked_weight: " + ("torch ops (CUDA path): nothing kept, the sample recomputed in backward" if torch_path
                                   else "the C++ kernel (CPU): it keeps nothing beyond W * mask"),
+             "W * mask: " + ("kept from the forward to the backward (FSDP)" if not recompute
+                             else "recomputed in backward, a block at a time (not kept from the forward)"),
              "every rank loads the whole model on the host before it is moved or sharded"]
     return Plan("learn", sh.name, asdict(s), peak_moment, moments[peak_moment], totals, totals[peak_moment],
                 host_peak, host, mask_state_bytes=4 * local_logits,  # logits, gradients, AdamW's two moments

@@ -131,6 +131,7 @@ def prepare(model: torch.nn.Module, priors: dict | None, cfg: Learn, sp: Sparsit
 
         fully_shard(model, mesh=on_block.mesh)
         masks.reset_diagnostics()
+        masks.recompute_weights = False  # a recipe would read unsharded weights that FSDP frees after the forward
         return model, masks
     model.to(device)
     if d.world > 1:

@@ -19,6 +19,10 @@ instead of ~15 tensor-wide passes. Elsewhere (CUDA, or no C++ compiler), the sam
 nothing but its inputs for backward and recomputes the sample there. The two draw bitwise-identical
 uniforms; their logs and exps may differ in the last bit.
 
+**Recomputation.** :class:`Recipe` computes a layer's ``W * soft_mask`` again (``pipeline.maskllm``
+keeps it instead of the masked weight for backward); on the kernel it also keeps the sample ``y`` it
+drew, which the kernel's backward then reads instead of drawing it a third time (the same bits).
+
 Subnormal soft-mask entries are flushed to zero in both, as FTZ would: late in the schedule
 (tau -> 0.05) they appear in large numbers and slow every CPU op that reads them.
 """
@@ -126,35 +130,47 @@ def cpp_kernel():
     """The compiled CPU kernel, or None (with one warning) where it cannot be built."""
     if os.environ.get("MASKLLM_KERNEL", "auto") == "torch":
         return None
-    try:
-        from torch.utils.cpp_extension import _get_build_directory, load
+    error: Exception | None = None
+    # -ffast-math lets gcc vectorise log/exp (glibc's libmvec); every group's arithmetic is the same
+    # whatever the thread count, so results stay deterministic. -fopenmp: at::parallel_for runs the
+    # tiles on torch's OpenMP pool (the process already holds torch's libgomp.so.1, which the loader
+    # reuses for ours: one pool, not two). A compiler without OpenMP (Apple clang) gets the same
+    # kernel without it: at::parallel_for then runs the tiles in order on one thread, same results
+    base = ["-O3", "-march=native", "-ffast-math", "-std=c++20"]
+    builds = [(base + ["-fopenmp"], ["-fopenmp"]), (base, [])]
+    for i, (cflags, ldflags) in enumerate(builds):
+        try:
+            _build(cflags, ldflags)
+            if i:
+                warnings.warn("MaskLLM's C++ mask kernel was built without OpenMP (the compiler refused "
+                              "-fopenmp): it runs on one thread", RuntimeWarning, stacklevel=2)
+            return _Ops(torch.ops.maskllm)
+        except Exception as e:  # no compiler, no ninja, no OpenMP, unsupported platform
+            error = e
+    if os.environ.get("MASKLLM_KERNEL") == "cpp":
+        raise error
+    warnings.warn(f"MaskLLM's C++ mask kernel could not be built ({type(error).__name__}: {error}); "
+                  "using the torch implementation (same math, slower on CPU)", RuntimeWarning, stacklevel=2)
+    return None
 
-        # -ffast-math lets gcc vectorise log/exp (glibc's libmvec); every group's arithmetic is
-        # the same whatever the thread count, so results stay deterministic. -fopenmp: at::parallel_for
-        # runs the tiles on torch's OpenMP pool (the process already holds torch's libgomp.so.1, which
-        # the loader reuses for ours: one pool, not two)
-        cflags = ["-O3", "-march=native", "-ffast-math", "-std=c++20", "-fopenmp"]
-        ldflags = ["-fopenmp"]
-        # built from a copy named by its content and flags: every checkout of the same source (the
-        # test suite's temporary repositories, DVC's queued experiments) reuses one build instead of
-        # rebuilding because the source path changed
-        code = CSRC.read_bytes()
-        digest = hashlib.sha256(code + " ".join(cflags + ldflags).encode()).hexdigest()[:12]
-        name = f"maskllm_masked_weight_{digest}"
-        source = Path(_get_build_directory(name, verbose=False)) / CSRC.name
-        if not source.is_file() or source.read_bytes() != code:
-            tmp = source.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(code)
-            os.replace(tmp, source)
-        load(name=name, sources=[str(source)], verbose=False, is_python_module=False,
-             extra_cflags=cflags, extra_ldflags=ldflags)
-        return _Ops(torch.ops.maskllm)
-    except Exception as e:  # no compiler, no ninja, unsupported platform
-        if os.environ.get("MASKLLM_KERNEL") == "cpp":
-            raise
-        warnings.warn(f"MaskLLM's C++ mask kernel could not be built ({type(e).__name__}: {e}); "
-                      "using the torch implementation (same math, slower on CPU)", RuntimeWarning, stacklevel=2)
-        return None
+
+def _build(cflags: list[str], ldflags: list[str]) -> None:
+    """Compile and load the kernel (``torch.ops.maskllm``) with these flags."""
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    # built from a copy named by its content and flags: every checkout of the same source (the
+    # test suite's temporary repositories, DVC's queued experiments) reuses one build instead of
+    # rebuilding because the source path changed
+    code = CSRC.read_bytes()
+    digest = hashlib.sha256(code + " ".join(cflags + ldflags).encode()).hexdigest()[:12]
+    name = f"maskllm_masked_weight_{digest}"
+    source = Path(_get_build_directory(name, verbose=False)) / CSRC.name
+    if not source.is_file() or source.read_bytes() != code:
+        tmp = source.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(code)
+        os.replace(tmp, source)
+    load(name=name, sources=[str(source)], verbose=False, is_python_module=False,
+         extra_cflags=cflags, extra_ldflags=ldflags)
 
 
 class _Ops:
@@ -172,14 +188,50 @@ def kernel_name(device: torch.device | str, n_candidates: int) -> str:
     return "torch"
 
 
+class Recipe:
+    """How to compute one layer's masked weight again: the inputs of :func:`masked_weight`.
+
+    ``pipeline.maskllm`` keeps a recipe, not ``W * soft_mask``, where autograd would keep the masked
+    weight for the input gradient of the layer's product (one model-sized tensor held from the forward
+    to the backward). Calling it recomputes the same bits; on the C++ kernel it also leaves the layer's
+    sample ``y`` for the kernel's backward, which then reads it instead of drawing it again. Both stay
+    until that backward has run (a weight read by several products is recomputed once).
+    """
+
+    def __init__(self, weight, logits, candidates, key, temperature, logit_scale, view):
+        self.args = (weight, logits, candidates, key, temperature, logit_scale, view)
+        self.out: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor:
+        if self.out is None:
+            weight, logits, candidates, key, temperature, logit_scale, view = self.args
+            with torch.no_grad():
+                if kernel_name(weight.device, logits.shape[1]) == "cpp":
+                    self.out = torch.empty_like(weight)
+                    _, _, self.y = cpp_kernel().forward(as_3d(weight, view), as_3d(self.out, view), logits,
+                                                        candidates, key[0], key[1], logit_scale, temperature,
+                                                        torch.get_num_threads(), True)
+                else:
+                    self.out = masked_weight_reference(weight, logits, candidates, key, temperature, logit_scale,
+                                                       view)[0]
+        return self.out
+
+    def release(self) -> torch.Tensor | None:
+        """Drop the recomputed weight -> the sample it left (None if there is none)."""
+        y, self.out, self.y = self.y, None, None
+        return y
+
+
 class _MaskedWeight(torch.autograd.Function):
-    """The C++ forward/backward; only the inputs are saved (the noise and y are recomputed)."""
+    """The C++ forward/backward; only the inputs are saved (the noise and y are recomputed, or read from
+    the recipe's recomputation)."""
 
     @staticmethod
     def forward(ctx, weight, logits, candidates, key, temperature, logit_scale, view):
         out = torch.empty_like(weight)
-        sq, confidence = cpp_kernel().forward(as_3d(weight, view), as_3d(out, view), logits, candidates, key[0],
-                                              key[1], logit_scale, temperature, torch.get_num_threads())
+        sq, confidence, _ = cpp_kernel().forward(as_3d(weight, view), as_3d(out, view), logits, candidates, key[0],
+                                                 key[1], logit_scale, temperature, torch.get_num_threads(), False)
         ctx.save_for_backward(weight, logits, candidates)
         ctx.args = (key, temperature, logit_scale, view)
         ctx.mark_non_differentiable(confidence)
@@ -189,12 +241,14 @@ class _MaskedWeight(torch.autograd.Function):
     def backward(ctx, grad_out, grad_sq, _grad_confidence):
         weight, logits, candidates = ctx.saved_tensors
         key, temperature, logit_scale, view = ctx.args
+        recipe = getattr(ctx, "recipe", None)  # set by masked_weight on this node
+        y = recipe.release() if recipe is not None else None
         if grad_out is None:
             grad_out = torch.zeros_like(weight)
         g_sq = 0.0 if grad_sq is None else float(grad_sq)
         grad_logits = cpp_kernel().backward(as_3d(grad_out.to(weight.dtype), view), g_sq, as_3d(weight, view), logits,
                                             candidates, key[0], key[1], logit_scale, temperature,
-                                            torch.get_num_threads())
+                                            torch.get_num_threads(), y)
         return None, grad_logits, None, None, None, None, None
 
 
@@ -220,6 +274,9 @@ class _MaskedWeightTorch(torch.autograd.Function):
     def backward(ctx, grad_out, grad_sq, _grad_confidence):
         weight, logits, candidates = ctx.saved_tensors
         key, temperature, logit_scale, view = ctx.args
+        recipe = getattr(ctx, "recipe", None)
+        if recipe is not None:
+            recipe.release()
         with torch.enable_grad():
             leaf = logits.detach().requires_grad_()
             out, sq, _ = masked_weight_reference(weight.detach(), leaf, candidates, key, temperature, logit_scale,
@@ -234,14 +291,18 @@ class _MaskedWeightTorch(torch.autograd.Function):
 
 
 def masked_weight(weight: torch.Tensor, logits: torch.Tensor, candidates: torch.Tensor, key: tuple[int, int],
-                  temperature: float, logit_scale: float, view: View | None = None
+                  temperature: float, logit_scale: float, view: View | None = None, recipe: Recipe | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``W * soft_mask`` (W's shape and dtype), ``||.||^2`` and ``sum_g max_c y_gc`` (float64 scalars).
 
     weight: the stored parameter; ``view`` maps it (and anything shaped like it) to its logical
     ``[out, in]`` or ``[E, out, in]`` view (None: it is already ``[out, in]``); logits: float32
     ``[G, C]``, contiguous, groups in the row-major order of that view; candidates: ``[C, M]`` 0/1.
-    Gradients flow to the logits only.
+    Gradients flow to the logits only. ``recipe``: the :class:`Recipe` of this very call, if the
+    caller recomputes the output in backward (its recomputation is released by this function's backward).
     """
     fused = _MaskedWeight if kernel_name(weight.device, logits.shape[1]) == "cpp" else _MaskedWeightTorch
-    return fused.apply(weight, logits, candidates, key, temperature, logit_scale, view)
+    out, sq, confidence = fused.apply(weight, logits, candidates, key, temperature, logit_scale, view)
+    if recipe is not None and out.grad_fn is not None:
+        out.grad_fn.recipe = recipe  # a custom Function's node is its ctx: its backward finds the recipe there
+    return out, sq, confidence

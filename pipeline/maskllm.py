@@ -29,18 +29,25 @@ Implementation notes:
 - The mask is a torch parametrization of the frozen weight (``nn.Linear``, GPT-2 ``Conv1D`` or fused
   3-D expert weights alike); the logits ``[G, C]`` are one contiguous float32 parameter per layer
   (FSDP shards them along the groups).
+- ``W * mask`` is not kept from the forward to the backward (``RecomputedWeights``, in ``train_step``):
+  the products keep a recipe and backward recomputes each layer's masked weight, the same bits, a
+  block at a time; the kernel's backward then reads the sample that recomputation drew. That removes
+  a model-sized tensor (1 float per weight: on the default model the step's peak RSS falls 5 %, 1.27x
+  -> 1.21x a dense step's, for 6 % more time, bench/maskllm_step.py). Under FSDP (unsharded weights
+  are freed after each block's forward) the masked weights are kept.
 """
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from pipeline.mask_kernel import as_3d, masked_weight, noise_key, sample_reference
+from pipeline.mask_kernel import Recipe, as_3d, masked_weight, noise_key, sample_reference
 from pipeline.nm import NMError, candidates as make_candidates, check_nm, find_blocks, find_prunable_layers
 
 __all__ = [
@@ -128,6 +135,66 @@ class MaskState:
     seed: int = 0  # the noise of a layer at a step is a function of (seed, step, layer)
     step: int = 0
     track_confidence: bool = False  # record mean max_i y_gi of each sample
+    recomputed: "RecomputedWeights | None" = None  # set during a training forward that recomputes W * mask
+
+
+class _Packed(NamedTuple):
+    recipe: Recipe
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+
+class RecomputedWeights:
+    """Saved-tensor hooks of a training forward: autograd keeps a recipe instead of each ``W * soft_mask``.
+
+    The product ``x @ (W * M)^T`` keeps its weight for the input gradient, which would hold one
+    masked copy of every layer from the forward to the backward: a model-sized tensor the dense step
+    does not have (its weights are the parameters themselves). Each layer's masked weight is
+    registered here by its storage; a saved tensor on that storage (the weight, or a view such as its
+    transpose) is packed as the layer's :class:`~pipeline.mask_kernel.Recipe` and recomputed, the same
+    bits, when backward unpacks it. Any other saved tensor is kept as usual.
+    """
+
+    def __init__(self):
+        self._live: dict[int, tuple[weakref.ref, Recipe]] = {}  # storage address -> (the weight, its recipe)
+
+    def register(self, out: torch.Tensor, recipe: Recipe) -> None:
+        self._live[out.untyped_storage().data_ptr()] = (weakref.ref(out), recipe)
+
+    def clear(self) -> None:
+        for _, recipe in self._live.values():
+            recipe.release()
+        self._live.clear()
+
+    def pack(self, t: torch.Tensor):
+        if type(t) is not torch.Tensor or t.layout != torch.strided or not self._live:
+            return t
+        address = t.untyped_storage().data_ptr()
+        entry = self._live.get(address)
+        if entry is None:
+            return t
+        out = entry[0]()
+        # the registered weight must still be alive on that storage: a freed one's address may be reused
+        if out is None or out.untyped_storage().data_ptr() != address:
+            return t
+        return _Packed(entry[1], t.size(), t.stride(), t.storage_offset())
+
+    @staticmethod
+    def unpack(packed):
+        if isinstance(packed, _Packed):
+            return packed.recipe().as_strided(packed.size, packed.stride, packed.offset)
+        return packed
+
+    @contextlib.contextmanager
+    def active(self, state: MaskState):
+        """Pack the masked weights saved in the enclosed forward (its backward may run outside)."""
+        state.recomputed = self
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+                yield
+        finally:
+            state.recomputed = None
 
 
 # ------------------------------------------------------------------ one layer's masked weight
@@ -155,8 +222,12 @@ class LearnableMask(nn.Module):
         if self.state.hard:
             return torch.where(self.hard_mask(weight.shape), weight, torch.zeros((), dtype=weight.dtype))
         key = noise_key(self.state.seed, self.state.step, self.index)
-        out, sq_norm, confidence = masked_weight(weight, self.logits, self.candidates, key, self.state.temperature,
-                                                 self.state.logit_scale, self.view)
+        args = (weight, self.logits, self.candidates, key, self.state.temperature, self.state.logit_scale, self.view)
+        recomputed = self.state.recomputed if torch.is_grad_enabled() else None
+        recipe = Recipe(*args) if recomputed is not None else None
+        out, sq_norm, confidence = masked_weight(*args, recipe=recipe)
+        if recipe is not None:
+            recomputed.register(out, recipe)
         if torch.is_grad_enabled():
             self.sq_norm = sq_norm  # the regulariser of this very sample, summed in float64
         if self.state.track_confidence:
@@ -188,6 +259,9 @@ class MaskSet:
         # param_name -> (the prior's candidate index of the groups this process holds, first group)
         self._prior_choice = None if prior_choice is None else {k: (c, 0) for k, c in prior_choice.items()}
         self.last_regularizer = float("nan")
+        # recompute W * mask in backward instead of keeping it (RecomputedWeights); learn turns it off
+        # under FSDP, whose unsharded weights are freed between a block's forward and its backward
+        self.recompute_weights = True
         self.reset_diagnostics()
 
     def reset_diagnostics(self) -> None:
@@ -433,10 +507,16 @@ def train_step(model: nn.Module, masks: MaskSet, input_ids: torch.Tensor, optimi
     """One MaskLLM step on ``input_ids`` [B, T]: sample, CE - lambda*||W*M||^2, backward, clip, AdamW."""
     reg_weight = masks.set_step(schedule, t)
     optimizer.zero_grad(set_to_none=True)  # before the forward: old grads and activations never coexist
-    ce = model(input_ids=input_ids, labels=input_ids).loss  # each block caches its masks while it runs
+    recomputed = RecomputedWeights() if masks.recompute_weights else None
+    with recomputed.active(masks.state) if recomputed else contextlib.nullcontext():
+        ce = model(input_ids=input_ids, labels=input_ids).loss  # each block caches its masks while it runs
     reg = masks.regularizer(reg_weight)
     loss = ce + reg
-    loss.backward()
+    try:
+        loss.backward()
+    finally:
+        if recomputed:
+            recomputed.clear()
     grad_norm = torch.nn.utils.clip_grad_norm_(masks.parameters(), grad_clip)
     optimizer.step()
     lr_schedule.step()

@@ -1,6 +1,10 @@
 """The fused mask kernel (C++) against its torch reference, the noise against Gumbel(0, 1), and the
 properties the learn loop relies on: no subnormals late in the schedule, no dependence on threads."""
 import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,7 +67,7 @@ def kernel():
 
 @pytest.mark.parametrize("impl", ["cpp", "torch"])
 @pytest.mark.parametrize("layout", sorted(VIEWS))
-@pytest.mark.parametrize("pattern", [(2, 4), (1, 4), (4, 8)])
+@pytest.mark.parametrize("pattern", [(2, 4), (1, 4), (4, 8), (3, 8)])  # 3:8: the kernel's generic path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_the_reference(kernel, impl, layout, pattern, dtype):
     """Both fused implementations (the C++ kernel, and the torch ops that recompute in backward, the
@@ -107,14 +111,49 @@ def test_kernel_is_the_same_for_any_thread_count(kernel):
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)  # the kernel runs on torch's pool: give it that many threads
             out = torch.empty_like(weight)
-            sq, conf = kernel.forward(weight[None], out[None], logits, S, 1, 2, 100.0, 0.5, threads)
-            g = kernel.backward(grad_out[None], -0.1, weight[None], logits, S, 1, 2, 100.0, 0.5, threads)
-            runs.append((out, sq, conf, g))
+            sq, conf, _ = kernel.forward(weight[None], out[None], logits, S, 1, 2, 100.0, 0.5, threads, False)
+            again = torch.empty_like(weight)
+            _, _, y = kernel.forward(weight[None], again[None], logits, S, 1, 2, 100.0, 0.5, threads, True)
+            assert torch.equal(again, out)
+            g = kernel.backward(grad_out[None], -0.1, weight[None], logits, S, 1, 2, 100.0, 0.5, threads, None)
+            g_from_y = kernel.backward(grad_out[None], -0.1, weight[None], logits, S, 1, 2, 100.0, 0.5, threads, y)
+            runs.append((out, sq, conf, g, y, g_from_y))
     finally:
         torch.set_num_threads(before)
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("pattern", [(2, 4), (1, 4), (4, 8), (3, 8)])
+@pytest.mark.parametrize("temperature", [4.0, 0.5, 0.05])
+def test_kernel_backward_from_the_forwards_sample_is_the_same(kernel, pattern, temperature):
+    """The sample a recomputing forward keeps (y, in the kernel's tiles of 64 groups) is the sample the
+    reference draws, its W * mask is the first forward's, and the backward reading y gives the very
+    bits of the backward drawing it again, at every point of the schedule (tau 0.05: most entries
+    flushed to 0). 3:8 takes the generic path."""
+    n, m = pattern
+    S = candidates(n, m)
+    C = S.shape[0]
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(70, 8 * m, generator=gen)  # 560 groups: a partial last tile
+    logits = torch.randn(weight.numel() // m, C, generator=gen) * 0.05
+    grad_out = torch.randn_like(weight)
+    out, again = torch.empty_like(weight), torch.empty_like(weight)
+    sq, _, none = kernel.forward(weight[None], out[None], logits, S, 5, 6, 500.0, temperature, 2, False)
+    zero, _, y = kernel.forward(weight[None], again[None], logits, S, 5, 6, 500.0, temperature, 2, True)
+    assert torch.equal(again, out) and none.numel() == 0 and float(sq) > 0 and float(zero) == 0
+    groups = logits.shape[0]
+    tiles = -(-groups // 64)
+    assert y.shape == (tiles * C * 64,)
+    as_groups = y.view(tiles, C, 64).transpose(1, 2).reshape(-1, C)[:groups]
+    reference = mk.sample_reference(logits, (5, 6), temperature, 500.0)
+    torch.testing.assert_close(as_groups, reference, rtol=1e-4, atol=1e-5)  # z is 1/tau times larger at tau 0.05
+    drawn = kernel.backward(grad_out[None], -0.2, weight[None], logits, S, 5, 6, 500.0, temperature, 2, None)
+    read = kernel.backward(grad_out[None], -0.2, weight[None], logits, S, 5, 6, 500.0, temperature, 2, y)
+    assert torch.equal(drawn, read)
+    with pytest.raises(RuntimeError, match="the one masked_weight_forward kept"):
+        kernel.backward(grad_out[None], -0.2, weight[None], logits, S, 5, 6, 500.0, temperature, 2, y[:-1])
 
 
 @pytest.mark.parametrize("impl", ["cpp", "torch"])
@@ -175,3 +214,43 @@ def test_fused_paths_keep_nothing_but_their_inputs_for_backward(kernel, impl):
             out, sq, _ = fn(weight, logits, S, mk.noise_key(0, 1, 2), 1.0, 100.0, None)
         extra = sum(t.numel() * t.element_size() for t in kept if t.data_ptr() not in inputs)
         assert (extra == 0) == lean, (fn, extra)
+
+
+def test_a_compiler_without_openmp_builds_the_same_kernel_on_one_thread(kernel, tmp_path):
+    """Where -fopenmp is refused (Apple clang), the kernel is built without it, says so, and computes the
+    same bits (its tiles in order on one thread) instead of falling back to the 19x slower torch ops.
+    In a subprocess: the two builds register the same torch.ops namespace."""
+    S = candidates(2, 4)
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(300, 64, generator=gen)
+    logits = torch.randn(weight.numel() // 4, 6, generator=gen) * 0.01
+    grad_out = torch.randn_like(weight)
+    out = torch.empty_like(weight)
+    kernel.forward(weight[None], out[None], logits, S, 1, 2, 100.0, 0.5, 2, False)
+    grad = kernel.backward(grad_out[None], -0.1, weight[None], logits, S, 1, 2, 100.0, 0.5, 2, None)
+    torch.save({"weight": weight, "logits": logits, "grad_out": grad_out, "out": out, "grad": grad, "S": S},
+               tmp_path / "case.pt")
+    script = textwrap.dedent(f"""
+        import warnings, torch, torch.utils.cpp_extension as ce
+        real = ce.load
+        def load(*args, **kwargs):
+            if "-fopenmp" in kwargs.get("extra_cflags", []):
+                raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+            return real(*args, **kwargs)
+        ce.load = load
+        from pipeline import mask_kernel as mk
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            k = mk.cpp_kernel()
+        assert k is not None, [str(w.message) for w in caught]
+        assert any("without OpenMP" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        c = torch.load({str(tmp_path / "case.pt")!r})
+        out = torch.empty_like(c["weight"])
+        k.forward(c["weight"][None], out[None], c["logits"], c["S"], 1, 2, 100.0, 0.5, 2, False)
+        grad = k.backward(c["grad_out"][None], -0.1, c["weight"][None], c["logits"], c["S"], 1, 2, 100.0, 0.5, 2, None)
+        assert torch.equal(out, c["out"]) and torch.equal(grad, c["grad"])
+        print("same bits")
+    """)
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and "same bits" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]

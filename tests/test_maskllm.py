@@ -1,6 +1,7 @@
 """MaskLLM's differentiable mask against hand-computed cases, on tiny random models."""
 import math
 import re
+import weakref
 
 import pytest
 import torch
@@ -131,8 +132,8 @@ def sparse_weight_regularizer(weights, masks, reg_weight):
 def test_layer_gradients_equal_the_formula(kernel, monkeypatch):
     """Through the parametrization (the fused kernel or the torch path): the output and the grads of
     the logits equal plain autograd of W * sum_i y_i s_i and -lambda ||W * M||^2 for the same noise."""
-    monkeypatch.setattr(ml, "masked_weight", lambda *a: (mk._MaskedWeight.apply if kernel == "cpp"
-                                                          else mk.masked_weight_reference)(*a))
+    monkeypatch.setattr(ml, "masked_weight", lambda *a, recipe=None: (mk._MaskedWeight.apply if kernel == "cpp"
+                                                                       else mk.masked_weight_reference)(*a))
     weight = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
     logits0 = ml.init_logits(8, 6, torch.Generator().manual_seed(3)) * 30
     upstream = torch.randn(4, 8, generator=torch.Generator().manual_seed(4))
@@ -291,6 +292,62 @@ def test_train_steps_move_the_logits_with_the_cosine_schedule():
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)  # cosine decay to a tenth
     after = masks.logits_state_dict()
     assert all(not torch.equal(before[k], after[k]) for k in before)
+
+
+def run_steps(model, recompute: bool, steps: int = 3):
+    """``steps`` MaskLLM steps of ``model`` -> (losses, final logits, the last step's RecomputedWeights or None)."""
+    masks = ml.attach_masks(model, 2, 4, seed=4)
+    masks.recompute_weights = recompute
+    opt, lr_schedule = ml.make_optimizer(masks, lr=1e-2, steps=steps)
+    schedule = ml.Schedule(steps=steps)
+    losses = [ml.train_step(model, masks, ids(vocab=model.config.vocab_size), opt, lr_schedule, schedule, t)["loss"]
+              for t in range(steps)]
+    return losses, masks.logits_state_dict()
+
+
+@pytest.mark.parametrize("kernel", ["cpp", "torch"])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_recomputing_masked_weights_in_backward_changes_no_bit(kernel, make, monkeypatch):
+    """train_step keeps a recipe, not W * mask, for the products' backward (RecomputedWeights): the
+    recomputation (on the kernel, with the sample it leaves for the mask's backward) gives the very same
+    steps as keeping the masked weights. GPT-2's Conv1D saves the weight itself, LLaMA's Linear a
+    transposed view of it."""
+    if kernel == "torch":
+        monkeypatch.setattr(mk, "kernel_name", lambda device, n_candidates: "torch")
+    kept, recomputed = run_steps(make(), recompute=False), run_steps(make(), recompute=True)
+    assert kept[0] == recomputed[0]
+    assert kept[1].keys() == recomputed[1].keys()
+    for name in kept[1]:
+        assert torch.equal(kept[1][name], recomputed[1][name]), name
+
+
+@pytest.mark.parametrize("kernel", ["cpp", "torch"])
+def test_no_masked_weight_is_kept_from_the_forward_to_the_backward(kernel, monkeypatch):
+    """After a training forward under RecomputedWeights, no masked weight is alive (autograd keeps their
+    recipes); backward recomputes each of them, and its mask backward releases what it recomputed."""
+    if kernel == "torch":
+        monkeypatch.setattr(mk, "kernel_name", lambda device, n_candidates: "torch")
+    model = tiny_llama()
+    masks = ml.attach_masks(model, 2, 4)
+    masks.set_step(ml.Schedule(steps=2), 0)
+    calls, entries, recomputed = [], [], ml.RecomputedWeights()
+    call, register = mk.Recipe.__call__, recomputed.register
+    monkeypatch.setattr(mk.Recipe, "__call__", lambda self: calls.append(self) or call(self))
+    recomputed.register = lambda out, recipe: entries.append((weakref.ref(out), recipe)) or register(out, recipe)
+    x = ids()
+    with recomputed.active(masks.state):
+        loss = model(input_ids=x, labels=x).loss
+    assert len(entries) == len(masks.layers)  # every masked weight was registered ...
+    assert all(ref() is None for ref, _ in entries)  # ... and none outlived the forward
+    (loss + masks.regularizer(1e-2)).backward()
+    # each one recomputed in backward where it is needed: the products' input gradients; block 0's q/k/v
+    # read the embeddings, which need none, so autograd kept their inputs only
+    names = {id(ml._original(layer)): name for name, (layer, _) in masks.layers.items()}
+    unused = {names[id(recipe.args[0])] for _, recipe in entries} - {names[id(r.args[0])] for r in calls}
+    assert unused == {f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"}
+    assert len(calls) == len(entries) - 3  # once each
+    assert all(recipe.out is None and recipe.y is None for _, recipe in entries)  # and released by it
+    assert all(mask.logits.grad is not None for _, mask in masks.layers.values())
 
 
 def test_remove_restores_the_original_weights_exactly():

@@ -29,6 +29,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -196,7 +197,7 @@ void parallel_tiles(int64_t tiles, int64_t threads, const F& fn) {
 
 template <typename scalar_t, int64_t CT, int64_t MT>
 std::pair<double, double> forward_impl(const Problem& p, const float* pi, const at::Tensor& w, at::Tensor& out,
-                                       int64_t threads) {
+                                       float* yout, int64_t threads) {
   using T = Tile<CT, MT>;
   const int64_t M = T::M(p), C = T::C(p);
   Layout lw(w), lo(out);
@@ -211,9 +212,12 @@ std::pair<double, double> forward_impl(const Problem& p, const float* pi, const 
     for (int64_t tile = t0; tile < t1; ++tile) {
       int64_t g0 = tile * kTile, n = std::min(kTile, p.G - g0);
       T::sample(p, pi, g0, n, y.data());
+      if (yout)  // the sample, as the tile holds it, for a backward that reads it instead of drawing it again
+        std::copy(y.begin(), y.end(), yout + tile * C * kTile);
       T::mix(p, y.data(), mask.data());
-      if (!lw.dense) lw.bases(g0, n, M, bw);
-      if (!lo.dense) lo.bases(g0, n, M, bo);
+      // the offsets of the tile's groups, unless gather and the store use the fixed-M contiguous path
+      if (!(lw.dense && MT)) lw.bases(g0, n, M, bw);
+      if (!(lo.dense && MT)) lo.bases(g0, n, M, bo);
       gather<scalar_t, MT>(lw, W, g0, n, M, bw, wb.data());
       for (int64_t i = 0; i < M * kTile; ++i)  // the product as stored (scalar_t), read back as float
         sv[i] = static_cast<float>(static_cast<scalar_t>(flush(wb[i] * mask[i])));
@@ -225,6 +229,7 @@ std::pair<double, double> forward_impl(const Problem& p, const float* pi, const 
         for (int64_t t = 0; t < n; ++t)
           for (int64_t k = 0; k < M; ++k) O[bo[t] + k * lo.sK] = static_cast<scalar_t>(sv[k * kTile + t]);
       }
+      if (yout) continue;  // a recomputation for backward: the sums are the first forward's
       // ||out||^2 of the tile (lanes t >= n are 0), in whatever order the compiler vectorises: only the
       // loss's value reads it (its gradient is the constant g_sq), and tiles are summed in order below
       double sq = 0.0;
@@ -244,8 +249,8 @@ std::pair<double, double> forward_impl(const Problem& p, const float* pi, const 
 }
 
 template <typename scalar_t, int64_t CT, int64_t MT>
-void backward_impl(const Problem& p, const float* pi, const at::Tensor& w, const at::Tensor& gout, float gsq,
-                   float* gpi, int64_t threads) {
+void backward_impl(const Problem& p, const float* pi, const float* yin, const at::Tensor& w, const at::Tensor& gout,
+                   float gsq, float* gpi, int64_t threads) {
   using T = Tile<CT, MT>;
   const int64_t M = T::M(p), C = T::C(p);
   Layout lw(w), lg(gout);
@@ -259,10 +264,13 @@ void backward_impl(const Problem& p, const float* pi, const at::Tensor& w, const
     int64_t bw[kTile], bg[kTile];
     for (int64_t tile = t0; tile < t1; ++tile) {
       int64_t g0 = tile * kTile, n = std::min(kTile, p.G - g0);
-      T::sample(p, pi, g0, n, y.data());
+      if (yin)  // the tile's sample as a forward drew it: the same bits as drawing it again
+        std::copy(yin + tile * C * kTile, yin + (tile + 1) * C * kTile, y.begin());
+      else
+        T::sample(p, pi, g0, n, y.data());
       T::mix(p, y.data(), mask.data());
-      if (!lw.dense) lw.bases(g0, n, M, bw);
-      if (!lg.dense) lg.bases(g0, n, M, bg);
+      if (!(lw.dense && MT)) lw.bases(g0, n, M, bw);
+      if (!(lg.dense && MT)) lg.bases(g0, n, M, bg);
       gather<scalar_t, MT>(lw, W, g0, n, M, bw, wb.data());
       gather<scalar_t, MT>(lg, GO, g0, n, M, bg, gb.data());
       for (int64_t i = 0; i < M * kTile; ++i) dm[i] = gb[i] * wb[i] + 2.f * gsq * wb[i] * wb[i] * mask[i];
@@ -302,12 +310,23 @@ at::Tensor logical(const at::Tensor& t) {
   return t;
 }
 
+// a layer's sample y as the tiles hold it: [tiles, C, kTile] float32, lanes past the last group junk
+int64_t sample_numel(const Problem& p) { return (p.G + kTile - 1) / kTile * p.C * kTile; }
+
+const float* sample_data(const std::optional<at::Tensor>& y, const Problem& p) {
+  if (!y.has_value()) return nullptr;
+  TORCH_CHECK(y->numel() == sample_numel(p) && y->scalar_type() == at::kFloat && y->is_contiguous(),
+              "masked_weight: the sample must be the one masked_weight_forward kept for this layer");
+  return y->data_ptr<float>();
+}
+
 }  // namespace
 
-// -> (out, sum(out^2), sum_g max_c y_gc): the sums as float64 scalars; out is written in place
+// -> (sum(out^2), sum_g max_c y_gc, sample): the sums as float64 scalars, out written in place. keep_sample:
+// a recomputation for backward: the sample y (for masked_weight_backward) instead of the sums (0)
 std::vector<at::Tensor> masked_weight_forward(const at::Tensor& w, const at::Tensor& out_like, const at::Tensor& logits,
                                               const at::Tensor& candidates, int64_t key0, int64_t key1, double kappa,
-                                              double tau, int64_t threads) {
+                                              double tau, int64_t threads, bool keep_sample) {
   auto p = make_problem(logits, candidates, key0, key1, kappa, tau);
   logical(w);
   TORCH_CHECK(w.size(0) * w.size(1) * w.size(2) == p.G * p.M, "masked_weight: weight has ", w.numel(),
@@ -315,18 +334,21 @@ std::vector<at::Tensor> masked_weight_forward(const at::Tensor& w, const at::Ten
   at::Tensor out = out_like;
   TORCH_CHECK(out.sizes() == w.sizes() && out.scalar_type() == w.scalar_type(), "masked_weight: out must be like w");
   std::pair<double, double> sums;
+  at::Tensor y = at::empty({keep_sample ? sample_numel(p) : 0}, logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "masked_weight_forward", [&] {
     dispatch_pattern(p, [&]<int64_t CT, int64_t MT>() {
-      sums = forward_impl<scalar_t, CT, MT>(p, logits.data_ptr<float>(), w, out, threads);
+      sums = forward_impl<scalar_t, CT, MT>(p, logits.data_ptr<float>(), w, out,
+                                            keep_sample ? y.data_ptr<float>() : nullptr, threads);
     });
   });
   auto f64 = at::TensorOptions().dtype(at::kDouble);
-  return {at::scalar_tensor(sums.first, f64), at::scalar_tensor(sums.second, f64)};
+  return {at::scalar_tensor(sums.first, f64), at::scalar_tensor(sums.second, f64), y};
 }
 
+// y (optional): the sample masked_weight_forward kept for this layer and step, read instead of drawn again
 at::Tensor masked_weight_backward(const at::Tensor& gout, double gsq, const at::Tensor& w, const at::Tensor& logits,
                                   const at::Tensor& candidates, int64_t key0, int64_t key1, double kappa, double tau,
-                                  int64_t threads) {
+                                  int64_t threads, const std::optional<at::Tensor>& y) {
   auto p = make_problem(logits, candidates, key0, key1, kappa, tau);
   logical(w);
   logical(gout);
@@ -334,8 +356,8 @@ at::Tensor masked_weight_backward(const at::Tensor& gout, double gsq, const at::
   auto gpi = at::empty_like(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "masked_weight_backward", [&] {
     dispatch_pattern(p, [&]<int64_t CT, int64_t MT>() {
-      backward_impl<scalar_t, CT, MT>(p, logits.data_ptr<float>(), w, gout, static_cast<float>(gsq),
-                                      gpi.data_ptr<float>(), threads);
+      backward_impl<scalar_t, CT, MT>(p, logits.data_ptr<float>(), sample_data(y, p), w, gout,
+                                      static_cast<float>(gsq), gpi.data_ptr<float>(), threads);
     });
   });
   return gpi;
