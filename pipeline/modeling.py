@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from tqdm import tqdm
 from pipeline.config import Params, TinyModel
 from pipeline.data import sample_windows
 from pipeline.io import atomic_dir, atomic_path
+from pipeline.stage import default_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -147,6 +147,3 @@ def load_model(path: str | Path, dtype: str = "float32", device: str | None = No
     model.eval()
     return model.to(device or default_device())
 
-
-def default_device() -> str:
-    return os.environ.get("MASKLLM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 from pipeline.masks_io import apply_masks, load_masks, load_weights
-from pipeline.modeling import DTYPES, default_device, load_model
+from pipeline.modeling import DTYPES, load_model
+from pipeline.stage import default_device
 from pipeline.rows import DENSE, ROWS, row_mask_path, row_weights_path
 
 

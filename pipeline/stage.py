@@ -1,6 +1,7 @@
 """What every stage script shares: params first, user errors as one clear line, a summary line."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Callable
@@ -10,6 +11,13 @@ from pipeline.config import Params, load_params_or_exit
 # Errors a user can cause (bad paths, missing packages, N:M that does not divide a layer):
 # one line naming the problem and the fix, exit 1; anything else keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, ValueError, RuntimeError)
+
+
+def default_device() -> str:
+    """Where the stages compute: ``$MASKLLM_DEVICE``, else ``cuda`` where torch sees a GPU, else ``cpu``."""
+    import torch
+
+    return os.environ.get("MASKLLM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def flush_denormals() -> None:
@@ -44,7 +52,6 @@ def keep_freed_memory() -> bool:
     is left as it is.
     """
     import ctypes
-    import os
     import platform
 
     if "torch" not in sys.modules or platform.libc_ver()[0] != "glibc":
@@ -52,10 +59,7 @@ def keep_freed_memory() -> bool:
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
             k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):
         return False
-    torch = sys.modules["torch"]
-    # pipeline.modeling.default_device's choice, not imported from it: every stage, torch-free ones
-    # too, would then depend on the model-loading code (tests/test_dvc_deps.py)
-    if (os.environ.get("MASKLLM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu":
+    if default_device() != "cpu":  # (torch is imported already: the check costs no import)
         return False
     libc = ctypes.CDLL("libc.so.6")
     # -1: never trim (man mallopt); 0 mmaps: every block from the heap, reusable once freed

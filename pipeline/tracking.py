@@ -213,7 +213,7 @@ class Pipeline:
 
 def _run_provenance(dtype: str) -> dict[str, str]:
     """``provenance.*`` params of this process: libraries, the device the stages use, ``dtype``, threads."""
-    from pipeline.modeling import default_device
+    from pipeline.stage import default_device
     from pipeline.provenance import provenance
 
     return {f"provenance.{k}": str(v) for k, v in provenance(default_device(), dtype).items()}
