@@ -23,7 +23,7 @@ approaches the uncontended cost. Process CPU time is recorded too (with ``--thre
 it is the work done, whatever the load). Both are also given as achieved FLOP/s, a
 fraction of this machine's float32 GEMM peak on the model's shapes (``bench/roofline.py``,
 measured in this process): the FLOPs are counted from the model's shapes (linear layers,
-causal attention, the Hessian panels ``InputStats`` computes, the factors and the sweeps'
+causal attention, the Hessian triangle ``pipeline.gram`` computes, the factors and the sweeps'
 updates). ``--profile`` times each part of (b) once more; ``--interleave`` runs (b)
 once more with (a) timed block by block inside it (before each block's statistics pass, a plain
 forward of the block), a ratio that load drifting between whole runs cannot bias. Writes bench/results/sparsegpt_speed.json.
@@ -42,6 +42,7 @@ import torch
 from pipeline import calibration, oneshot
 from pipeline.calibration import InputStats, prune_blockwise
 from pipeline.data import load_tokens, sample_windows
+from pipeline.gram import gram_flops
 from pipeline.io import write_json
 from pipeline.oneshot import prune_oneshot
 from pipeline.stage import keep_freed_memory
@@ -53,11 +54,6 @@ def timed(fn) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def gram_flops(width: int, tokens: int) -> int:
-    """FLOPs of ``InputStats``' upper staircase of ``X^T X``: row panels up to the diagonal."""
-    return sum(2 * min(InputStats.panel, width - i) * (width - i) * tokens for i in range(0, width, InputStats.panel))
 
 
 def flops(config: dict, blocks: int, nsamples: int, seqlen: int, m: int, blocksize: int) -> dict[str, float]:

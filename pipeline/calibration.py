@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline.gram import accumulate_gram
 from pipeline.nm import PrunableLayer, _is_linear, find_blocks, find_prunable_layers
 from pipeline.observe import Layout, LinearUses, Use, eager_experts
 
@@ -39,8 +40,6 @@ class InputStats:
     float32 (bfloat16 / float16 inputs widen to it), or float64 for float64 inputs (a model
     calibrated in float64, ``prior.dtype``).
     """
-
-    panel = 192  # Gram rows per matmul: only the upper staircase of X^T X is computed
 
     def __init__(self, width: int, device: torch.device | str, norms: bool = False, hessian: bool = False):
         self.nsamples = 0
@@ -60,11 +59,8 @@ class InputStats:
         if self._wants_hessian:
             if self._upper is None:
                 self._upper = torch.zeros(self._width, self._width, dtype=x.dtype, device=self._device)
-            # H <- H * old/total + (2/total) X^T X, one row panel at a time: X^T X is
-            # symmetric, so the panels stop at the diagonal (about 40 % fewer flops)
-            for i in range(0, x.shape[1], self.panel):
-                rows = slice(i, i + self.panel)
-                self._upper[rows, i:].addmm_(x[:, rows].t(), x[:, i:], beta=self.nsamples / total, alpha=2 / total)
+            # H <- H * old/total + (2/total) X^T X, its upper triangle only: X^T X is symmetric
+            accumulate_gram(self._upper, x, alpha=2 / total, beta=self.nsamples / total)
             self._hessian = None
         self.nsamples = total
 
