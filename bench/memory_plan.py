@@ -421,6 +421,7 @@ class LearnSetup:
     # _cache_in); True: a cache over the whole forward (what the code did before; it matters with
     # activation checkpointing only: without it, autograd keeps recipes of W * mask (FSDP: every W * mask))
     weight_cache: bool = False
+    recompute: bool = True  # learn.recompute_masked_weights (FSDP keeps W * mask regardless)
 
     def check(self) -> None:
         if self.parallel not in ("ddp", "fsdp"):
@@ -506,7 +507,7 @@ def plan_learn(config_path: str | Path, s: LearnSetup) -> Plan:
     kept = [sum(costs[t.name].saved for t in sh.block_targets(b)) for b in range(sh.blocks)]
     # pipeline.maskllm.RecomputedWeights (learn: all but FSDP): autograd keeps a recipe, not W * mask, and
     # each block's backward recomputes its layers' (the C++ kernel also leaves each layer's sample y there)
-    recompute = not fsdp
+    recompute = s.recompute and not fsdp
     samples = [0 if torch_path else sum(logits(t, False) for t in sh.block_targets(b)) for b in range(sh.blocks)]
     saved = [a + w + k for a, w, k in zip(activations, masked, kept)]
     grads = [sum(logits(t) for t in sh.block_targets(b)) for b in range(sh.blocks)]

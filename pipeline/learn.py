@@ -81,7 +81,7 @@ def local_batch(train: torch.Tensor, cfg: Learn, t: int, d: Dist) -> torch.Tenso
 
 
 # what does not change the trajectory: a checkpoint of the same run resumes across these
-NOT_IN_FINGERPRINT = {"checkpoint_every", "nproc", "parallel", "activation_checkpointing"}
+NOT_IN_FINGERPRINT = {"checkpoint_every", "nproc", "parallel", "activation_checkpointing", "recompute_masked_weights"}
 
 
 def fingerprint(cfg: Learn, sp: Sparsity, prior_file: Path | None, extra: str = "") -> str:
@@ -126,6 +126,7 @@ def prepare(model: torch.nn.Module, priors: dict | None, cfg: Learn, sp: Sparsit
     on_block = shard_blocks(model, d, device) if fsdp else None
     masks = attach_masks(model, sp.n, sp.m, priors=priors, prior_strength=strength, seed=cfg.seed,
                          ignore=sp.ignore, on_block=on_block)
+    masks.recompute_weights = cfg.recompute_masked_weights
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 

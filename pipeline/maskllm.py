@@ -151,16 +151,16 @@ class RecomputedWeights:
     The product ``x @ (W * M)^T`` keeps its weight for the input gradient, which would hold one
     masked copy of every layer from the forward to the backward: a model-sized tensor the dense step
     does not have (its weights are the parameters themselves). Each layer's masked weight is
-    registered here by its storage; a saved tensor on that storage (the weight, or a view such as its
-    transpose) is packed as the layer's :class:`~pipeline.mask_kernel.Recipe` and recomputed, the same
-    bits, when backward unpacks it. Any other saved tensor is kept as usual.
+    registered here; a saved tensor that is it or a view of it (its transpose, an expert's slice) is
+    packed as the layer's :class:`~pipeline.mask_kernel.Recipe` and recomputed, the same bits, when
+    backward unpacks it. Any other saved tensor is kept as usual.
     """
 
     def __init__(self):
-        self._live: dict[int, tuple[weakref.ref, Recipe]] = {}  # storage address -> (the weight, its recipe)
+        self._live: dict[int, tuple[weakref.ref, Recipe]] = {}  # id of the weight -> (the weight, its recipe)
 
     def register(self, out: torch.Tensor, recipe: Recipe) -> None:
-        self._live[out.untyped_storage().data_ptr()] = (weakref.ref(out), recipe)
+        self._live[id(out)] = (weakref.ref(out), recipe)
 
     def clear(self) -> None:
         for _, recipe in self._live.values():
@@ -168,15 +168,11 @@ class RecomputedWeights:
         self._live.clear()
 
     def pack(self, t: torch.Tensor):
-        if type(t) is not torch.Tensor or t.layout != torch.strided or not self._live:
-            return t
-        address = t.untyped_storage().data_ptr()
-        entry = self._live.get(address)
-        if entry is None:
-            return t
-        out = entry[0]()
-        # the registered weight must still be alive on that storage: a freed one's address may be reused
-        if out is None or out.untyped_storage().data_ptr() != address:
+        # called for every tensor the forward saves: a dict lookup for most of them
+        base = t._base if t._base is not None else t  # the weight itself, or a view of it (its transpose)
+        entry = self._live.get(id(base))
+        # the registered weight must be this very tensor: a freed one's id may be reused
+        if entry is None or entry[0]() is not base or t.layout != torch.strided:
             return t
         return _Packed(entry[1], t.size(), t.stride(), t.storage_offset())
 

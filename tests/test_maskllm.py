@@ -382,3 +382,16 @@ def test_logits_round_trip_through_safetensors(tmp_path):
     wrong = ml.attach_masks(tiny_llama(), 1, 4)
     with pytest.raises(ValueError, match="logits shape"):
         wrong.load_logits_state_dict(loaded)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_learn_recompute_masked_weights_reaches_the_masks_and_not_the_fingerprint(recompute):
+    """learn.recompute_masked_weights switches RecomputedWeights; it changes no bit of the run (tested
+    above), so a checkpoint of the run resumes across it."""
+    from pipeline.config import Learn, Sparsity
+    from pipeline.learn import Dist, fingerprint, prepare
+
+    cfg = Learn(recompute_masked_weights=recompute)
+    _, masks = prepare(tiny_llama(), None, cfg, Sparsity(), Dist(), "cpu")
+    assert masks.recompute_weights is recompute
+    assert fingerprint(cfg, Sparsity(), None) == fingerprint(Learn(), Sparsity(), None)
