@@ -505,10 +505,12 @@ def plan_learn(config_path: str | Path, s: LearnSetup) -> Plan:
     costs = {t.name: (mask_cost(t.shape, s.n, s.m, s.dtype) if torch_path else MaskCost(0, 0, t.numel * bw))
              for t in sh.targets}
     kept = [sum(costs[t.name].saved for t in sh.block_targets(b)) for b in range(sh.blocks)]
-    # pipeline.maskllm.RecomputedWeights (learn: all but FSDP): autograd keeps a recipe, not W * mask, and
-    # each block's backward recomputes its layers' (the C++ kernel also leaves each layer's sample y there)
+    # pipeline.maskllm.RecomputedWeights (learn: all but FSDP): autograd keeps a recipe, not W * mask; a
+    # layer's product recomputes it in backward (the C++ kernel with the layer's sample y), and the layer's
+    # mask backward, which autograd runs next, frees both: one layer's at a time
     recompute = s.recompute and not fsdp
-    samples = [0 if torch_path else sum(logits(t, False) for t in sh.block_targets(b)) for b in range(sh.blocks)]
+    recomputed = [max((t.numel * bw + (0 if torch_path else logits(t, False)) for t in sh.block_targets(b)),
+                      default=0) for b in range(sh.blocks)]
     saved = [a + w + k for a, w, k in zip(activations, masked, kept)]
     grads = [sum(logits(t) for t in sh.block_targets(b)) for b in range(sh.blocks)]
     hidden_in = tokens * sh.hidden * bw  # a block's input: what a checkpointed block keeps
@@ -537,7 +539,7 @@ def plan_learn(config_path: str | Path, s: LearnSetup) -> Plan:
         if s.activation_checkpointing:
             alive = {"block inputs (checkpoints)": hidden_in * (b + 1), "recomputed block": saved[b]}
         elif recompute:
-            alive = {"activations": sum(activations[: b + 1]), "recomputed masked weights": masked[b] + samples[b],
+            alive = {"activations": sum(activations[: b + 1]), "recomputed masked weight (a layer)": recomputed[b],
                      "mask intermediates": sum(kept[: b + 1])}
         else:
             alive = {"activations": sum(activations[: b + 1]), "masked weights": sum(masked[: b + 1]),
@@ -577,8 +579,8 @@ def plan_learn(config_path: str | Path, s: LearnSetup) -> Plan:
     notes = [f"attention counted as {s.attention} SDPA keeps it",
              "masked_weight: " + ("torch ops (CUDA path): nothing kept, the sample recomputed in backward" if torch_path
                                   else "the C++ kernel (CPU): it keeps nothing beyond W * mask"),
-             "W * mask: " + ("kept from the forward to the backward (FSDP)" if not recompute
-                             else "recomputed in backward, a block at a time (not kept from the forward)"),
+             "W * mask: " + ("kept from the forward to the backward" if not recompute
+                             else "recomputed in backward, a layer at a time (not kept from the forward)"),
              "every rank loads the whole model on the host before it is moved or sharded"]
     return Plan("learn", sh.name, asdict(s), peak_moment, moments[peak_moment], totals, totals[peak_moment],
                 host_peak, host, mask_state_bytes=4 * local_logits,  # logits, gradients, AdamW's two moments
