@@ -141,7 +141,7 @@ class Learn(Section):
     dtype: Literal["float32", "bfloat16"] = "float32"  # frozen weights and activations; logits stay float32
     activation_checkpointing: bool = False
     # W * mask recomputed in backward instead of kept from the forward (the same bits): one model-sized
-    # tensor less for ~6 % more step time on CPU (bench/maskllm_step.py); FSDP keeps it regardless
+    # tensor less for ~4 % more step time on CPU (bench/maskllm_step.py); FSDP keeps it regardless
     recompute_masked_weights: bool = True
 
     @model_validator(mode="after")

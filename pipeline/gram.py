@@ -8,7 +8,7 @@ BLAS) the triangle is computed in row panels of ``addmm`` (about 40 % fewer FLOP
 product, at a lower efficiency). On the 2-core Intel Xeon, float64, 4096 tokens: 1.2x faster than the
 panels at width 576 and 1536 (bench/sparsegpt_speed.py reports the Hessian's share).
 
-The two agree to rounding (``tests/test_calibration.py``), not bit for bit.
+The two agree to rounding (``tests/test_gram.py``), not bit for bit.
 """
 from __future__ import annotations
 

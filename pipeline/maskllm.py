@@ -30,11 +30,11 @@ Implementation notes:
   3-D expert weights alike); the logits ``[G, C]`` are one contiguous float32 parameter per layer
   (FSDP shards them along the groups).
 - ``W * mask`` is not kept from the forward to the backward (``RecomputedWeights``, in ``train_step``):
-  the products keep a recipe and backward recomputes each layer's masked weight, the same bits, a
-  block at a time; the kernel's backward then reads the sample that recomputation drew. That removes
-  a model-sized tensor (1 float per weight: on the default model the step's peak RSS falls 5 %, 1.27x
-  -> 1.21x a dense step's, for 6 % more time, bench/maskllm_step.py). Under FSDP (unsharded weights
-  are freed after each block's forward) the masked weights are kept.
+  the products keep a recipe and backward recomputes each layer's masked weight, the same bits, one
+  layer at a time; the kernel's backward then reads the sample that recomputation drew. That removes
+  a model-sized tensor (1 float per weight: on the default model the step's peak RSS falls 8 %, 1.32x
+  -> 1.21x a dense step's, for 4 % more time, bench/maskllm_step.py). Under FSDP (unsharded weights
+  are freed after each block's forward) and with ``learn.recompute_masked_weights: false`` they are kept.
 """
 from __future__ import annotations
 
