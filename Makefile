@@ -57,7 +57,7 @@ QUEUE = $(BIN)/dvc exp run --queue
 define sweep
 	$(foreach v,$(2),$(QUEUE) -S $(1)=$(v);)
 	$(BIN)/dvc queue start -j $(JOBS)
-	$(BIN)/python -m pipeline.queue_wait
+	$(BIN)/python -m pipeline.records.queue_wait
 	$(MAKE) sweeps-plot
 endef
 sweep-tau: install            ## Gumbel temperature at step 0 (paper: 4)
@@ -79,14 +79,14 @@ sweep-steps: install          ## training budget
 TRANSFER_TO ?= shakespeare
 GENERAL ?= masks/general.safetensors
 sweep-transfer: install       ## learned general mask vs one-shot mask as the prior on TRANSFER_TO
-	$(BIN)/python -m pipeline.transfer export $(GENERAL)
+	$(BIN)/python -m pipeline.maskllm.transfer export $(GENERAL)
 	$(BIN)/dvc add -q $(GENERAL)
 	git add $(GENERAL).dvc $(dir $(GENERAL)).gitignore
 	$(QUEUE) -n transfer-$(TRANSFER_TO)-general -S data.source=$(TRANSFER_TO) -S learn.prior=file \
 	  -S learn.prior_file=$(GENERAL)
 	$(QUEUE) -n transfer-$(TRANSFER_TO)-oneshot -S data.source=$(TRANSFER_TO)
 	$(BIN)/dvc queue start -j $(JOBS)
-	$(BIN)/python -m pipeline.queue_wait
+	$(BIN)/python -m pipeline.records.queue_wait
 	$(MAKE) sweeps-plot
 sweeps-plot: install
 	$(BIN)/dvc repro track  # MLflow sync + plots/sweeps/*.png from the states MLflow holds

@@ -1,7 +1,7 @@
 """N:M coverage of every one-shot method on tiny random models of dense and MoE architectures.
 
-    .venv/bin/python bench/coverage.py                       # SparseGPT 2:4 on every architecture
-    .venv/bin/python bench/coverage.py --methods magnitude wanda sparsegpt
+    .venv/bin/python -m bench.coverage                       # SparseGPT 2:4 on every architecture
+    .venv/bin/python -m bench.coverage --methods magnitude wanda sparsegpt
 
 The architectures are the tests' (``tests/test_coverage.py: ARCHS``: 2 blocks, width 64,
 4 experts). For each it prints the fraction of the block weights under N:M, the fraction
@@ -17,13 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' tiny architectures
 
-from pipeline.coverage import check_coverage, measure_coverage  # noqa: E402
-from pipeline.nm import _is_linear, block_weights  # noqa: E402
-from pipeline.oneshot import prune_oneshot  # noqa: E402
-from pipeline.provenance import provenance  # noqa: E402
-from tests.test_coverage import ARCHS, calib_tokens  # noqa: E402
+from pipeline.model.coverage import check_coverage, measure_coverage
+from pipeline.model.nm import _is_linear, block_weights
+from pipeline.oneshot.prune import prune_oneshot
+from pipeline.provenance import provenance
+from tests.test_coverage import ARCHS, calib_tokens
 
 
 def linear_only_fraction(model) -> float:

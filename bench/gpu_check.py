@@ -1,22 +1,22 @@
 """What only a GPU can tell, in one run of at most 8 minutes (run it through bench/gpu_check.sh).
 
-    python bench/gpu_check.py                     # on a CUDA machine: writes bench/results/gpu_check.json (and $OUT/)
-    python bench/gpu_check.py --cpu-dry-run       # every part on CPU, tiny configs: checks the script itself
+    python -m bench.gpu_check                     # on a CUDA machine: writes bench/results/gpu_check.json (and $OUT/)
+    python -m bench.gpu_check --cpu-dry-run       # every part on CPU, tiny configs: checks the script itself
 
 Parts, each timed, each recorded even when another fails, in order of value (the budget skips the rest):
 
 1. ``sdpa``: which tensors CUDA's SDPA keeps for backward (flash-like or math) per dtype: the plan counts that.
-2. ``learn``: MaskLLM steps (``pipeline.maskllm.train_step``, what ``learn`` runs per step on one
+2. ``learn``: MaskLLM steps (``pipeline.maskllm.masks.train_step``, what ``learn`` runs per step on one
    process) on randomly initialised models built from bench/configs (quality is not the point):
    seconds per step, tokens/s, and the peak of ``torch.cuda.max_memory_allocated`` over the steps
    after the first (AdamW's state exists) against ``memory_plan.plan_learn`` for the same run.
-3. ``prior``: a SparseGPT prior (``pipeline.oneshot.prune_oneshot``, the model on the host, one block
+3. ``prior``: a SparseGPT prior (``pipeline.oneshot.prune.prune_oneshot``, the model on the host, one block
    at a time on the GPU): seconds and the GPU peak against ``memory_plan.plan_prior``.
 4. ``same_masks``: CUDA against CPU on a tiny model: the first soft mask (torch ops on CUDA, the C++
    kernel on CPU), the hardened masks after a few MaskLLM steps, and the one-shot masks.
 
 Runs on the device's own Python: torch, transformers, numpy, tqdm; no DVC, MLflow or pydantic
-(it imports ``pipeline.maskllm`` and ``pipeline.oneshot``, never ``pipeline.learn`` or ``pipeline.config``).
+(it imports ``pipeline.maskllm.masks`` and ``pipeline.oneshot.prune``, never ``pipeline.maskllm.train`` or ``pipeline.config``).
 """
 from __future__ import annotations
 
@@ -36,15 +36,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-import memory_plan  # noqa: E402
-from pipeline import maskllm  # noqa: E402
-from pipeline.mask_kernel import kernel_name, masked_weight, masked_weight_reference  # noqa: E402
-from pipeline.nm import candidates  # noqa: E402
-from pipeline.oneshot import prune_oneshot  # noqa: E402
-from pipeline.io import write_json  # noqa: E402
-from pipeline.provenance import provenance  # noqa: E402
+from pipeline.maskllm import memory_plan
+from pipeline.maskllm import masks as maskllm
+from pipeline.maskllm.kernel import kernel_name, masked_weight, masked_weight_reference
+from pipeline.model.nm import candidates
+from pipeline.oneshot.prune import prune_oneshot
+from pipeline.io import write_json
+from pipeline.provenance import provenance
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -153,7 +151,7 @@ def tensor_bytes(*groups) -> int:
 
 
 def config_file(name: str, blocks: int | None, tmp: Path, dry_run: bool) -> Path:
-    """bench/configs/<name>.json, with only ``blocks`` blocks kept (and, dry run, tiny widths), as a file."""
+    """pipeline/maskllm/model_configs/<name>.json, with only ``blocks`` blocks kept (and, dry run, tiny widths), as a file."""
     raw = json.loads((memory_plan.CONFIGS / f"{name}.json").read_text())
     if dry_run:
         raw.update(TINY)
@@ -216,7 +214,7 @@ def part_learn(device: str, run: tuple, tmp: Path, dry_run: bool, attention: dic
     path = config_file(name, blocks, tmp, dry_run)
     model = random_model(path, dtype, device)
     masks = maskllm.attach_masks(model, n, m, seed=0)
-    if ac:  # as pipeline.learn.prepare does: recompute each block in backward
+    if ac:  # as pipeline.maskllm.train.prepare does: recompute each block in backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer, lr_schedule = maskllm.make_optimizer(masks, lr=5e-4, steps=100)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one GPU check (at most 8 minutes on one GPU): MaskLLM steps in float32 and bfloat16, a SparseGPT
-# prior, their peaks against bench/memory_plan.py, CUDA against CPU masks. Writes bench/results/gpu_check.json
+# prior, their peaks against pipeline/maskllm/memory_plan.py, CUDA against CPU masks. Writes bench/results/gpu_check.json
 # (and a copy under $OUT when the device tool sets it). No network, no DVC / MLflow, no weights:
 #
 #   bash bench/gpu_check.sh                  # on the GPU machine, from the repository root
@@ -44,4 +44,4 @@ fi
 
 "$PYTHON" -c "import torch, transformers; print('gpu_check: torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())"
 # SIGINT first: Python unwinds and the result file keeps every part finished so far
-exec timeout --signal=INT --kill-after=15 "$HARD_LIMIT_S" "$PYTHON" bench/gpu_check.py --budget-s "$BUDGET_S" "$@"
+exec timeout --signal=INT --kill-after=15 "$HARD_LIMIT_S" "$PYTHON" -m bench.gpu_check --budget-s "$BUDGET_S" "$@"

@@ -1,12 +1,12 @@
 """The fused mask kernel alone: one step's forward and backward over every masked layer of the model.
 
-    .venv/bin/python bench/mask_kernel_speed.py artifacts/dense                  # this checkout's kernel
-    .venv/bin/python bench/mask_kernel_speed.py artifacts/dense --source old.cpp --out old.json
+    .venv/bin/python -m bench.mask_kernel_speed artifacts/dense                  # this checkout's kernel
+    .venv/bin/python -m bench.mask_kernel_speed artifacts/dense --source old.cpp --out old.json
 
 What the MaskLLM step adds to a dense step is mostly this kernel (bench/maskllm_step.py), so this
 times it apart from the GEMMs: the model's real weights, the learned logits of the last `learn` run
 when they exist (artifacts/learn/logits.safetensors; else the prior-free initial logits), every
-masked layer through ``pipeline.mask_kernel.masked_weight`` and autograd, as the step calls it.
+masked layer through ``pipeline.maskllm.kernel.masked_weight`` and autograd, as the step calls it.
 Two points of the default schedule: its start (tau 4, kappa 1000) and its end (tau 0.05, kappa
 500), where most exps of the softmax underflow.
 
@@ -14,7 +14,7 @@ Yardsticks measured in the same process: the torch-ops implementation of the sam
 CUDA path, ``_MaskedWeightTorch``), and the memory-traffic floor, the bytes the kernel must move
 (forward: W, logits, out; backward: grad, W, logits, grad of the logits) over this machine's
 STREAM copy bandwidth (bench/roofline.py). ``--source`` builds another version of
-csrc/masked_weight.cpp (e.g. ``git show REV:pipeline/csrc/masked_weight.cpp > old.cpp``) to
+csrc/masked_weight.cpp (e.g. ``git show REV:pipeline/maskllm/csrc/masked_weight.cpp > old.cpp``) to
 compare versions; run each in its own process, one after the other, on an idle machine.
 Writes bench/results/mask_kernel_speed.json (or --out).
 """
@@ -30,12 +30,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from roofline import machine, memory_bandwidth  # noqa: E402
+from bench.roofline import machine, memory_bandwidth
 
-from pipeline import mask_kernel as mk  # noqa: E402
-from pipeline import maskllm  # noqa: E402
-from pipeline.io import write_json  # noqa: E402
+from pipeline.maskllm import kernel as mk
+from pipeline.maskllm import masks as maskllm
+from pipeline.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mask_kernel_speed.json"
 POINTS = {"start": (4.0, 1000.0), "end": (0.05, 500.0)}  # (tau, kappa) of params.yaml's schedule

@@ -1,6 +1,6 @@
 """Cost of one MaskLLM step against one dense training step, same model, same batch.
 
-    .venv/bin/python bench/maskllm_step.py artifacts/dense            # the learn stage's 2 x 512
+    .venv/bin/python -m bench.maskllm_step artifacts/dense            # the learn stage's 2 x 512
 
 Time: both variants live in ONE process and their steps alternate (warm-up first), so
 load from other processes hits both alike; the median per step is reported.
@@ -15,7 +15,7 @@ this machine's float32 GEMM peak on the model's shapes (bench/roofline.py, measu
 
   dense step:   forward, CE, backward, clip 1.0, AdamW (all weights trainable), cosine lr step
   MaskLLM step: sample every mask, forward, CE - lambda*||W*M||^2, backward to the logits,
-                clip 1.0, AdamW (logits only), cosine lr step  (pipeline.maskllm.train_step;
+                clip 1.0, AdamW (logits only), cosine lr step  (pipeline.maskllm.masks.train_step;
                 W * mask recomputed in backward, as learn runs it)
   maskllm_kept: the same with every W * mask kept from the forward to the backward (learn under FSDP)
 """
@@ -35,12 +35,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import maskllm  # noqa: E402
-from pipeline.io import write_json  # noqa: E402
-from pipeline.mask_kernel import kernel_name  # noqa: E402
-from pipeline.stage import keep_freed_memory  # noqa: E402
-from roofline import gemm_peak, model_shapes  # noqa: E402
+from pipeline.maskllm import masks as maskllm
+from pipeline.io import write_json
+from pipeline.maskllm.kernel import kernel_name
+from pipeline.stage import keep_freed_memory
+from bench.roofline import gemm_peak, model_shapes
 
 RESULTS = Path(__file__).resolve().parent / "results" / "maskllm_step.json"
 
@@ -70,7 +69,7 @@ def dense_variant(args):
 
 
 def maskllm_variant(args, recompute: bool = True):
-    """A closure running one MaskLLM step (pipeline.maskllm.train_step); ``recompute``: W * mask recomputed in
+    """A closure running one MaskLLM step (pipeline.maskllm.masks.train_step); ``recompute``: W * mask recomputed in
     backward (what learn does, but under FSDP) or kept from the forward (maskllm_kept)."""
     model = load(args)
     masks = maskllm.attach_masks(model, args.n, args.m)

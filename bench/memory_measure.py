@@ -1,8 +1,8 @@
-"""Measured per-rank peak memory of MaskLLM ``learn`` and of a one-shot prior on CPU (checks bench/memory_plan.py).
+"""Measured per-rank peak memory of MaskLLM ``learn`` and of a one-shot prior on CPU (checks pipeline/maskllm/memory_plan.py).
 
-    .venv/bin/python bench/memory_measure.py learn                          # 1 process
-    .venv/bin/python bench/memory_measure.py learn --nproc 2 --parallel fsdp
-    .venv/bin/python bench/memory_measure.py prior --method sparsegpt --nsamples 16
+    .venv/bin/python -m bench.memory_measure learn                          # 1 process
+    .venv/bin/python -m bench.memory_measure learn --nproc 2 --parallel fsdp
+    .venv/bin/python -m bench.memory_measure prior --method sparsegpt --nsamples 16
 
 Every rank is its own process (torchrun, also for one), so the figures are the stage's, not this
 launcher's. Per rank: the peak resident set (VmHWM from /proc/self/status: it includes the
@@ -27,8 +27,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 
 def proc_status() -> dict[str, int]:
@@ -77,14 +75,14 @@ def local_bytes(t) -> int:
 def rank_learn(args, sampler: Sampler) -> dict:
     import torch
 
-    import pipeline.learn as learn_mod
+    import pipeline.maskllm.train as learn_mod
     from pipeline.config import Learn, Sparsity
-    from pipeline.data import load_tokens
-    from pipeline.learn import Checkpoint, Dist, learn_masks
-    from pipeline.magnitude import magnitude_mask
-    from pipeline.mask_kernel import kernel_name
-    from pipeline.modeling import load_model
-    from pipeline.nm import find_prunable_layers
+    from pipeline.data.tokens import load_tokens
+    from pipeline.maskllm.train import Checkpoint, Dist, learn_masks
+    from pipeline.oneshot.magnitude import magnitude_mask
+    from pipeline.maskllm.kernel import kernel_name
+    from pipeline.model.loading import load_model
+    from pipeline.model.nm import find_prunable_layers
 
     d = Dist.from_env()
     cfg = Learn(steps=args.steps, batch_size=args.batch, seqlen=args.seqlen, nproc=args.nproc, parallel=args.parallel,
@@ -129,10 +127,10 @@ def rank_learn(args, sampler: Sampler) -> dict:
 def rank_prior(args, sampler: Sampler) -> dict:
     import torch
 
-    from pipeline.data import load_tokens, sample_windows
-    from pipeline.modeling import load_model
-    from pipeline.oneshot import prune_oneshot
-    from pipeline.sparsegpt import compiled_sweep
+    from pipeline.data.tokens import load_tokens, sample_windows
+    from pipeline.model.loading import load_model
+    from pipeline.oneshot.prune import prune_oneshot
+    from pipeline.oneshot.sparsegpt import compiled_sweep
 
     compiled_sweep()  # the C++ sweep built (or loaded) before the baseline
     baseline = proc_status()

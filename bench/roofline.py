@@ -1,7 +1,7 @@
 """The yardstick: this machine's measured float32 GEMM peak on the model's shapes, and its memory bandwidth.
 
-    .venv/bin/python bench/roofline.py                   # 1 and 2 threads: a table, bench/results/roofline.json
-    .venv/bin/python bench/roofline.py --threads 2 --model artifacts/dense
+    .venv/bin/python -m bench.roofline                   # 1 and 2 threads: a table, bench/results/roofline.json
+    .venv/bin/python -m bench.roofline --threads 2 --model artifacts/dense
 
 The GEMMs are those of SmolLM2-135M (or ``--model``'s config.json): every linear layer of a
 block and the LM head, forward ``x @ W^T``, backward ``g @ W`` (input gradient) and
@@ -14,7 +14,7 @@ Memory bandwidth: STREAM's copy and triad on 256 MiB arrays (far beyond the cach
 Other benchmarks measure the peak in their own process and report what they achieve as a
 fraction of it::
 
-    from roofline import gemm_peak            # bench/ is on sys.path when a bench script runs
+    from bench.roofline import gemm_peak      # run as `python -m bench.<script>` from the repository root
     peak = gemm_peak()                        # FLOP/s at torch's current thread count
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """2:4 inference speed: the block linears on sparse tensor cores against the same model dense.
 
-    python bench/sparse24_speed.py --config bench/configs/smollm2-135m.json --config bench/configs/llama-3.2-1b.json
-    python bench/sparse24_speed.py --model artifacts/harden/sparse_model --mask none   # the hardened MaskLLM model
-    python bench/sparse24_speed.py --config bench/configs/smollm2-135m.json --dry-run-cpu  # checks the script only
+    python -m bench.sparse24_speed --config pipeline/maskllm/model_configs/smollm2-135m.json --config pipeline/maskllm/model_configs/llama-3.2-1b.json
+    python -m bench.sparse24_speed --model artifacts/harden/sparse_model --mask none   # the hardened MaskLLM model
+    python -m bench.sparse24_speed --config pipeline/maskllm/model_configs/smollm2-135m.json --dry-run-cpu  # checks the script only
 
 Needs a CUDA GPU of compute capability >= 8.0 (NVIDIA Ampere or later); anywhere else it stops
 at once. A model is a shipped HF config (``--config``: randomly initialised, nothing downloaded:
@@ -10,7 +10,7 @@ the kernel's speed does not depend on which 2:4 mask) or a saved model (``--mode
 bf16, with a 2:4 mask on every linear of its blocks (``--mask``: magnitude by default). Each
 variant is built alone on the GPU from the same masked weights: dense, then per backend
 (cuSPARSELt, CUTLASS) every eligible linear swapped for a ``to_sparse_semi_structured`` weight
-(``pipeline.sparse24``). Measured per variant: prefill tokens/s (one forward of batch x seqlen,
+(``bench/sparse24.py``). Measured per variant: prefill tokens/s (one forward of batch x seqlen,
 last-token logits, as generation does) and per-token decode latency (``--decode-tokens`` steps
 of one token per sequence on a KV cache of seqlen), at every batch size and seqlen, with the
 peak GPU memory of each; the sparse model's logits against the dense one's; and per-layer GEMM
@@ -32,14 +32,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Only torch, transformers and safetensors may be needed here: the GPU machine has no dvc,
 # mlflow or pydantic (pipeline.config), so only modules free of them are imported.
-from pipeline.io import write_json  # noqa: E402
-from pipeline.magnitude import magnitude_mask  # noqa: E402
-from pipeline.nm import find_prunable_layers  # noqa: E402
-from pipeline.provenance import provenance  # noqa: E402
-from pipeline.sparse24 import (  # noqa: E402
+from pipeline.io import write_json
+from pipeline.oneshot.magnitude import magnitude_mask
+from pipeline.model.nm import find_prunable_layers
+from pipeline.provenance import provenance
+from bench.sparse24 import (
     BACKENDS, packed_round_trip, sparsify_24, torch_converter, weight_bytes,
 )
 
@@ -81,7 +80,7 @@ def check_inputs(args, ap) -> None:
         ap.error("give at least one --config JSON or --model directory")
     for path in args.config:
         if not Path(path).is_file():
-            ap.error(f"--config {path}: no such file (shipped configs: bench/configs/*.json)")
+            ap.error(f"--config {path}: no such file (shipped configs: pipeline/maskllm/model_configs/*.json)")
         try:
             raw = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
@@ -171,7 +170,7 @@ def masked_state(spec: dict, config, args, device: str) -> dict:
             weight = layer.weight()
             weight.masked_fill_(~magnitude_mask(weight, 2, 4), 0)
     elif args.mask != "none":
-        from pipeline.masks_io import apply_masks, load_masks
+        from pipeline.model.masks_io import apply_masks, load_masks
 
         apply_masks(model, load_masks(args.mask))
     state = {name: t.detach().to("cpu", copy=True) for name, t in model.state_dict().items()}

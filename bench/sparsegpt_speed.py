@@ -1,9 +1,9 @@
 """How much SparseGPT costs on top of the calibration forward passes it cannot avoid.
 
-    .venv/bin/python bench/sparsegpt_speed.py --repeat 2          # the default profile (after dvc repro)
-    .venv/bin/python bench/sparsegpt_speed.py --threads 1 --nsamples 32
-    .venv/bin/python bench/sparsegpt_speed.py --profile --blocks 6  # where the time goes, first 6 blocks
-    python bench/sparsegpt_speed.py --config bench/configs/smollm2-135m.json --nsamples 64 --seqlen 512 \
+    .venv/bin/python -m bench.sparsegpt_speed --repeat 2          # the default profile (after dvc repro)
+    .venv/bin/python -m bench.sparsegpt_speed --threads 1 --nsamples 32
+    .venv/bin/python -m bench.sparsegpt_speed --profile --blocks 6  # where the time goes, first 6 blocks
+    python -m bench.sparsegpt_speed --config pipeline/maskllm/model_configs/smollm2-135m.json --nsamples 64 --seqlen 512 \
         --n 2 --m 4 --blocksize 128 --percdamp 0.01       # no artifacts: random weights of those shapes
 
 By default everything is the prior stage's: the dense model of ``artifacts/dense``, the
@@ -23,7 +23,7 @@ approaches the uncontended cost. Process CPU time is recorded too (with ``--thre
 it is the work done, whatever the load). Both are also given as achieved FLOP/s, a
 fraction of this machine's float32 GEMM peak on the model's shapes (``bench/roofline.py``,
 measured in this process): the FLOPs are counted from the model's shapes (linear layers,
-causal attention, the Hessian triangle ``pipeline.gram`` computes, the factors and the sweeps'
+causal attention, the Hessian triangle ``pipeline.oneshot.gram`` computes, the factors and the sweeps'
 updates). ``--profile`` times each part of (b) once more; ``--interleave`` runs (b)
 once more with (a) timed block by block inside it (before each block's statistics pass, a plain
 forward of the block), a ratio that load drifting between whole runs cannot bias. Writes bench/results/sparsegpt_speed.json.
@@ -39,14 +39,16 @@ from pathlib import Path
 
 import torch
 
-from pipeline import calibration, oneshot
-from pipeline.calibration import InputStats, prune_blockwise
-from pipeline.data import load_tokens, sample_windows
-from pipeline.gram import gram_flops
+from pipeline.oneshot import calibration
+
+from pipeline.oneshot import prune as oneshot
+from pipeline.oneshot.calibration import InputStats, prune_blockwise
+from pipeline.data.tokens import load_tokens, sample_windows
+from pipeline.oneshot.gram import gram_flops
 from pipeline.io import write_json
-from pipeline.oneshot import prune_oneshot
+from pipeline.oneshot.prune import prune_oneshot
 from pipeline.stage import keep_freed_memory
-from roofline import gemm_peak, model_shapes
+from bench.roofline import gemm_peak, model_shapes
 
 
 def timed(fn) -> tuple[float, float]:
@@ -192,7 +194,7 @@ def main() -> None:
         tokens = torch.randint(0, config.vocab_size, (args.nsamples * args.seqlen * 4,),
                                generator=torch.Generator().manual_seed(args.seed))
     else:
-        from pipeline.modeling import load_model
+        from pipeline.model.loading import load_model
 
         model, tokens = load_model(args.model).eval(), load_tokens(args.train)
     model.to(getattr(torch, args.dtype))  # as the prior stage calibrates

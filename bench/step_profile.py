@@ -1,6 +1,6 @@
 """Where the time of a dense training step, an evaluation and a MaskLLM step goes, against the GEMM peak.
 
-    .venv/bin/python bench/step_profile.py artifacts/dense          # 2 x 512 train step, 4 x 512 eval batch
+    .venv/bin/python -m bench.step_profile artifacts/dense          # 2 x 512 train step, 4 x 512 eval batch
 
 Issue "Throughput" asks the step MaskLLM shares with dense training and the evaluation to run at
 60 % of this machine's float32 GEMM peak; this says what keeps them from it. Each part runs
@@ -33,13 +33,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from maskllm_step import dense_variant, maskllm_variant, step_flops  # noqa: E402
-from roofline import gemm_peak, machine  # noqa: E402
+from bench.maskllm_step import dense_variant, maskllm_variant, step_flops
+from bench.roofline import gemm_peak, machine
 
-from pipeline.evaluate import window_losses  # noqa: E402
-from pipeline.io import write_json  # noqa: E402
-from pipeline.stage import keep_freed_memory  # noqa: E402
+from pipeline.evaluation.perplexity import window_losses
+from pipeline.io import write_json
+from pipeline.stage import keep_freed_memory
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_profile.json"
 KINDS = {
@@ -106,9 +105,9 @@ import torch
 from pipeline.stage import keep_freed_memory
 if {keep_freed!r}:
     keep_freed_memory()  # as run_stage does
-from pipeline.data import load_tokens
-from pipeline.evaluate import perplexity
-from pipeline.row_model import build_row_model
+from pipeline.data.tokens import load_tokens
+from pipeline.evaluation.perplexity import perplexity
+from pipeline.evaluation.row_model import build_row_model
 t1 = time.perf_counter()
 model = build_row_model({row!r}, "float32")
 t2 = time.perf_counter()
@@ -155,7 +154,7 @@ def main() -> None:
     train = report("dense training step (2 x 512)", wall, kinds, flops, flops - attention_share, peak)
     train["top_ops"] = top_train
 
-    # (b) one evaluation batch: forward of 4 x 512 tokens and the per-window NLL, as pipeline.evaluate
+    # (b) one evaluation batch: forward of 4 x 512 tokens and the per-window NLL, as pipeline.evaluation.perplexity
     model = step.model.eval()
     eval_ids = torch.randint(0, vocab, (4, 512), generator=torch.Generator().manual_seed(1))
 
@@ -170,7 +169,7 @@ def main() -> None:
                       eval_flops - attention_share / 3 * 2, peak)
     evaluate["top_ops"] = top_eval
 
-    # (c) the MaskLLM step on the same batch (pipeline.maskllm.train_step), for what it adds to (a)
+    # (c) the MaskLLM step on the same batch (pipeline.maskllm.masks.train_step), for what it adds to (a)
     del model, step
     mstep = maskllm_variant(argparse.Namespace(**vars(ns), n=2, m=4))
     for t in range(args.warmup):

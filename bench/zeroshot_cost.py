@@ -2,7 +2,7 @@
 evaluate@<row>-<domain> stage (the README's stage times are of the latter), as ratios measured
 in one run, process start-up included (both run as DVC runs them: `python -m stages.X`).
 
-    .venv/bin/python bench/zeroshot_cost.py --repeat 2          # the default params.yaml
+    .venv/bin/python -m bench.zeroshot_cost --repeat 2          # the default params.yaml
 
 In a scratch folder (artifacts/dense and artifacts/data linked from this checkout, the domain
 stages run there), the two stages alternate ``--repeat`` times so that load from other processes
@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from pipeline.config import load_params  # noqa: E402
-from pipeline.provenance import provenance  # noqa: E402
-from pipeline.rows import ROWS  # noqa: E402
+from pipeline.config import load_params
+from pipeline.provenance import provenance
+from pipeline.evaluation.rows import ROWS
 
 RESULTS = ROOT / "bench" / "results" / "zeroshot_cost.json"
 

@@ -13,6 +13,8 @@ from typing import Annotated, Literal, Optional
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.oneshot import registry
+
 
 def _unique_list(v: list) -> list:
     if len(set(v)) != len(v) or not v:
@@ -94,12 +96,21 @@ class Model(Section):
         return self
 
 
-# sparsegpt_noupdate: the MaskLLM authors' prior (the dense model's Hessians, no OBS update)
-Method = Literal["magnitude", "wanda", "sparsegpt", "sparsegpt_noupdate"]
+def _method(name: str) -> str:
+    """A one-shot method of the registry (pipeline/oneshot/registry.py)."""
+    if name not in registry.METHODS:
+        raise ValueError(f"must be one of {list(registry.METHODS)}, got {name!r}")
+    return name
+
+
+def _learn_prior(prior: str) -> str:
+    if prior not in ("none", "file", *registry.METHODS):
+        raise ValueError(f"must be 'none', 'file' or a one-shot method {list(registry.METHODS)}, got {prior!r}")
+    return prior
 
 
 class Prior(Section):
-    methods: Annotated[list[Method], AfterValidator(_unique_list)] = [
+    methods: Annotated[list[Annotated[str, AfterValidator(_method)]], AfterValidator(_unique_list)] = [
         "magnitude", "wanda", "sparsegpt", "sparsegpt_noupdate"]
     nsamples: int = Field(64, ge=1)
     seqlen: int = Field(512, ge=8)
@@ -123,15 +134,15 @@ class Learn(Section):
     lr: float = Field(5e-4, gt=0)
     tau: float = Field(4.0, gt=0, description="temperature at step 0")
     tau_end: float = Field(0.05, gt=0)
-    kappa: float = Field(1e2, gt=0, description="logit scale at step 0")
+    kappa: float = Field(1e3, gt=0, description="logit scale at step 0")
     kappa_end: float = Field(5e2, gt=0)
-    prior: Literal["none", "magnitude", "wanda", "sparsegpt", "sparsegpt_noupdate", "file"] = "sparsegpt"
+    prior: Annotated[str, AfterValidator(_learn_prior)] = "sparsegpt"
     prior_file: Optional[str] = None  # learn.prior=file: a mask file (transfer of a learned mask)
     prior_strength: float = Field(3.0, ge=0)
-    weight_reg: float = Field(1e-5, ge=0)
+    weight_reg: float = Field(1e-4, ge=0)
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
-    eps: float = Field(1e-5, gt=0)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
     checkpoint_every: int = Field(16, ge=1)
@@ -158,7 +169,7 @@ class Learn(Section):
     def _prior_file(self):
         if self.prior == "file" and not self.prior_file:
             raise ValueError("learn.prior=file needs learn.prior_file (a mask file: "
-                             "python -m pipeline.transfer export masks/general.safetensors)")
+                             "python -m pipeline.maskllm.transfer export masks/general.safetensors)")
         if self.prior_file and self.prior != "file":
             raise ValueError(f"learn.prior_file is set but learn.prior={self.prior!r}: "
                              "set learn.prior=file to use it, or learn.prior_file=null")
@@ -253,6 +264,8 @@ def _describe(err: dict) -> str:
         msg = "unknown key (remove it or check its spelling)"
     elif err["type"] == "literal_error":
         msg = f"must be one of {err['ctx']['expected']}, got {err['input']!r}"
+    elif err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     return f"  {path}: {msg}"
 
 

@@ -1,8 +1,9 @@
-"""Atomic writes (a killed stage never leaves a half-written output behind) and file hashes."""
+"""Atomic writes (a killed stage never leaves a half-written output behind), file hashes, installed data packages."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -70,3 +71,14 @@ def sha256_files(*paths: str | Path) -> str:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def package_dir(package: str, pip_name: str) -> Path:
+    """Locate an installed package's folder without importing it (its deps may be absent)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {pip_name!r} is not installed: run `make install` "
+            f"(or `pip install --no-deps -r requirements-embedded.txt`)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])

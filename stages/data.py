@@ -1,10 +1,12 @@
 """DVC stage `data`: corpus -> article-level split -> tokenizer -> token arrays + stats."""
 from pathlib import Path
 
-from pipeline.data import load_corpus, split_corpus, tokenize, write_split
+from pipeline.data.corpora import load_corpus, split_corpus
+
+from pipeline.data.tokens import tokenize, write_split
 from pipeline.io import atomic_dir, write_json
 from pipeline.stage import run_stage
-from pipeline.tokenizer import build_tokenizer
+from pipeline.model.tokenizer import build_tokenizer
 
 OUT = Path("artifacts/data")
 

@@ -1,10 +1,10 @@
 """DVC stage `dense`: the model to prune, saved as a safetensors HF checkpoint."""
 from pathlib import Path
 
-from pipeline.data import load_tokens
-from pipeline.modeling import build_dense, save_model
+from pipeline.data.tokens import load_tokens
+from pipeline.model.loading import build_dense, save_model
 from pipeline.stage import run_stage
-from pipeline.tokenizer import load_tokenizer
+from pipeline.model.tokenizer import load_tokenizer
 
 DATA, OUT, CKPT = Path("artifacts/data"), Path("artifacts/dense"), Path("artifacts/dense_ckpt")
 

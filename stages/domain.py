@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import DataError, load_corpus, split_corpus, tokenize
+from pipeline.data.corpora import load_corpus, split_corpus
+
+from pipeline.data.tokens import DataError, tokenize
 from pipeline.io import atomic_dir, write_json
 from pipeline.stage import run_stage
-from pipeline.tokenizer import load_tokenizer
+from pipeline.model.tokenizer import load_tokenizer
 
 DATA, OUT = Path("artifacts/data"), Path("artifacts/domains")
 

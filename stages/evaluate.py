@@ -8,11 +8,11 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.data import load_tokens
-from pipeline.evaluate import perplexity
+from pipeline.data.tokens import load_tokens
+from pipeline.evaluation.perplexity import perplexity
 from pipeline.io import write_json
 from pipeline.provenance import provenance
-from pipeline.row_model import build_row_model
+from pipeline.evaluation.row_model import build_row_model
 from pipeline.stage import run_stage
 
 DOMAINS = Path("artifacts/domains")

@@ -4,14 +4,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline.coverage import check_coverage, measure_coverage
+from pipeline.model.coverage import check_coverage, measure_coverage
 from pipeline.io import atomic_dir, write_json
-from pipeline.maskllm import attach_masks
-from pipeline.masks_io import export_packed_npz, export_sparse_checkpoint, load_masks, save_masks
-from pipeline.modeling import load_model
+from pipeline.maskllm.masks import attach_masks
+from pipeline.model.masks_io import export_packed_npz, export_sparse_checkpoint, load_masks, save_masks
+from pipeline.model.loading import load_model
 from pipeline.provenance import provenance
 from pipeline.stage import run_stage
-from pipeline.tokenizer import load_tokenizer
+from pipeline.model.tokenizer import load_tokenizer
 
 DENSE, PRIOR, LEARN, OUT = Path("artifacts/dense"), Path("artifacts/prior"), Path("artifacts/learn"), Path("artifacts/harden")
 

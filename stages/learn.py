@@ -11,22 +11,22 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from pipeline.coverage import check_coverage, measure_coverage
-from pipeline.data import load_tokens
+from pipeline.model.coverage import check_coverage, measure_coverage
+from pipeline.data.tokens import load_tokens
 from pipeline.io import atomic_dir, sha256_files, write_json
-from pipeline.learn import Checkpoint, Dist, fingerprint, learn_masks, write_curve
-from pipeline.mask_kernel import kernel_name
-from pipeline.masks_io import load_masks
-from pipeline.modeling import default_device, load_model
-from pipeline.nm import candidates, find_prunable_layers
+from pipeline.maskllm.train import Checkpoint, Dist, fingerprint, learn_masks, write_curve
+from pipeline.maskllm.kernel import kernel_name
+from pipeline.model.masks_io import load_masks
+from pipeline.model.loading import default_device, load_model
+from pipeline.model.nm import candidates, find_prunable_layers
 from pipeline.provenance import provenance
 from pipeline.stage import run_stage
-from pipeline.tracking import learn_run
-from pipeline.transfer import PriorFileError, load_prior_file
+from pipeline.records.mlflow_export import learn_run
+from pipeline.maskllm.transfer import PriorFileError, load_prior_file
 
-DATA, DENSE, PRIOR = Path("artifacts/data"), Path("artifacts/dense"), Path("artifacts/prior")
+DATA, DENSE = Path("artifacts/data"), Path("artifacts/dense")
 OUT, CKPT = Path("artifacts/learn"), Path("artifacts/learn_ckpt")
-PRIOR_FILE = Path("artifacts/prior_file.json")  # the prior_file stage's hash of learn.prior_file
+LEARN_PRIOR = Path("artifacts/learn_prior.json")  # the learn_prior stage: which prior mask, its sha256
 CURVE = Path("plots/learn_curve.csv")
 
 
@@ -68,17 +68,15 @@ def main(params):
     device = d.device(default_device())
     model = load_model(DENSE, cfg.dtype, "cpu")  # to the device block by block (FSDP) or whole (else)
     coverage = planned_coverage(model, sp)  # before any work: fails naming block weights left dense by accident
-    prior_file, priors = None, None
-    if cfg.prior == "file" and cfg.prior_strength > 0:  # transfer: a learned mask (pipeline/transfer.py)
-        prior_file = Path(cfg.prior_file)
-        expected = json.loads(PRIOR_FILE.read_text()).get("sha256")
-        if sha256_files(prior_file) != expected:
-            raise PriorFileError(f"learn.prior_file={cfg.prior_file!r} changed after the prior_file stage "
-                                 "hashed it: rerun `dvc repro`")
-        priors, _ = load_prior_file(prior_file, model, sp.n, sp.m, DENSE, ignore=sp.ignore)
-    elif cfg.prior not in ("none", "file") and cfg.prior_strength > 0:
-        prior_file = PRIOR / cfg.prior / "mask.safetensors"
-        priors = load_masks(prior_file)
+    prior = json.loads(LEARN_PRIOR.read_text())  # the learn_prior stage's choice and hash
+    prior_file, priors = (Path(prior["file"]), None) if prior["prior"] else (None, None)
+    if prior_file is not None:
+        if sha256_files(prior_file) != prior["sha256"]:
+            raise PriorFileError(f"{prior_file} changed after the learn_prior stage hashed it: rerun `dvc repro`")
+        if prior["prior"] == "file":  # transfer: a learned mask (pipeline/maskllm/transfer.py)
+            priors, _ = load_prior_file(prior_file, model, sp.n, sp.m, DENSE, ignore=sp.ignore)
+        else:
+            priors = load_masks(prior_file)
     train = load_tokens(DATA / "train.npy")
     ckpt = Checkpoint(CKPT, fingerprint(cfg, sp, prior_file, extra=f"dense={sha256_files(DENSE / 'model.safetensors')}"))
 
@@ -90,9 +88,8 @@ def main(params):
         result.masks.logits_state_dict()  # the gather is a collective: rank 0 writes
         d.barrier()
         return None
-    dataset = json.loads((DATA / "stats.json").read_text())["source"]
-    extra = {"world_size": d.world, **provenance(device, cfg.dtype)}
-    with learn_run(params, dataset, key=ckpt.run_id, extra_params=extra) as tracker:
+    extra = {"world_size": d.world, **{f"provenance.{k}": v for k, v in provenance(device, cfg.dtype).items()}}
+    with learn_run(params, key=ckpt.run_id, extra_params=extra) as tracker:
         result = run(tracker.log)
         write_outputs(result, cfg, sp, d, device, coverage)
         d.barrier()

@@ -6,9 +6,9 @@ import csv
 import json
 from pathlib import Path
 
-from pipeline import plots
+from pipeline.records import plots
 from pipeline.io import atomic_path
-from pipeline.results import gap_closed, read_ppl, read_zeroshot
+from pipeline.records.metrics import gap_closed, read_ppl, read_zeroshot
 from pipeline.stage import run_stage
 
 METRICS, PLOTS = Path("metrics"), Path("plots")

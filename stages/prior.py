@@ -1,4 +1,4 @@
-"""DVC stage `prior@<method>`: one-shot N:M masks (magnitude, Wanda, SparseGPT, the authors' SparseGPT) of the dense model.
+"""DVC stage `prior@<method>`: one-shot N:M masks of the dense model by a method of ``pipeline.oneshot.registry``.
 
 ``artifacts/prior/<method>`` (which `learn` and `harden` depend on) holds only what the params
 and the dense model determine; timings and reconstruction errors, which vary from run to run
@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.coverage import check_coverage, measure_coverage
-from pipeline.data import load_tokens, sample_windows
+from pipeline.model.coverage import check_coverage, measure_coverage
+from pipeline.data.tokens import load_tokens, sample_windows
 from pipeline.io import atomic_dir, write_json
-from pipeline.masks_io import save_masks, save_weights
-from pipeline.modeling import default_device, load_model
-from pipeline.oneshot import HESSIAN_METHODS, prune_oneshot
+from pipeline.model.masks_io import save_masks, save_weights
+from pipeline.model.loading import default_device, load_model
+from pipeline.oneshot import registry
+from pipeline.oneshot.prune import prune_oneshot
 from pipeline.provenance import provenance
 from pipeline.stage import run_stage
 
@@ -30,8 +31,10 @@ def main(params, method):
     # the model stays on CPU and each block visits the compute device for its passes, so a
     # model far larger than the accelerator (a 7B SparseGPT prior on one 24 GB GPU) fits
     model, device = load_model(DENSE, device="cpu"), default_device()
-    measure_error = p.reconstruction_error or method in HESSIAN_METHODS
-    calibrated = method != "magnitude" or measure_error
+    entry = registry.get(method)
+    # a method that needs H anyway reports its reconstruction error for free
+    measure_error = p.reconstruction_error or "hessian" in entry.statistics
+    calibrated = bool(entry.statistics) or measure_error
     if calibrated and p.dtype == "float64":  # forwards, Hessians, factors and sweeps in double
         model.double()
     # Calibration windows come from the train split only (seeded): never from test. Magnitude

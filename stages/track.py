@@ -1,56 +1,33 @@
-"""DVC stage `track` (always runs, seconds): MLflow catches up with every result of the current
-state, and the sweep / transfer / seed figures are drawn from the pipeline states it holds.
+"""DVC stage `track` (always runs, seconds): the current pipeline state goes into the ledger
+(``records/states.json``, the record of every state), the sweep / transfer / seed figures are drawn
+from the ledger, and MLflow gets a one-way export of it.
 
-DVC cannot know what MLflow holds: a cached evaluation logs nothing, and a new pipeline state
-(another param) reuses cached results that its parent run still lacks (pipeline/tracking.py).
+DVC cannot know what the ledger holds: a cached evaluation writes nothing, and a new pipeline state
+(another param) reuses cached results; so this stage records the state from its metrics files.
 """
 import json
 from pathlib import Path
 
-from pipeline import ledger, plots, sweeps
 from pipeline.io import atomic_dir
-from pipeline.rows import ROWS
+from pipeline.records import ledger, metrics, mlflow_export, plots, sweeps
 from pipeline.stage import run_stage
-from pipeline.tracking import Result, StageResult, ZeroShotResult, client, sync
 
 METRICS, PLOTS = Path("metrics"), Path("plots")
 CURVE, HARDEN_STATS, LEARN = PLOTS / "learn_curve.csv", Path("artifacts/harden/stats.json"), METRICS / "learn.json"
 
 
-def read_results(params) -> list:
-    """Every metrics file of the current state: perplexities, zero-shot results, the stages' coverage."""
-    out = []
-    for row in ROWS:
-        for domain in params.evaluate.domains:
-            f = METRICS / row / f"{domain}.json"
-            if f.is_file():
-                out.append(Result(row, domain, domain == params.data.source, json.loads(f.read_text()), f))
-        for task in params.evaluate.zeroshot_tasks:
-            f = METRICS / row / "zeroshot" / f"{task}.json"
-            if f.is_file():
-                out.append(ZeroShotResult(row, json.loads(f.read_text()), f))
-    # the stages' own figures: coverage of every method, timings
-    stage_files = {f"prior@{m}": METRICS / "prior" / f"{m}.json" for m in params.prior.methods}
-    stage_files |= {"learn": LEARN, "harden": METRICS / "harden.json"}
-    out += [StageResult(stage, json.loads(f.read_text()), f) for stage, f in stage_files.items() if f.is_file()]
-    return out
-
-
 def main(params):
     dpi, dataset = params.plot.dpi, params.data.source
-    results = read_results(params)
-    if not results:
+    files = metrics.read_files(params, METRICS)
+    if not any(f.kind == "ppl" for f in files):
         raise FileNotFoundError(f"no results under {METRICS}/<row>/; run `dvc repro` first")
     learn = json.loads(LEARN.read_text()) if LEARN.is_file() else {}
-    # a fresh clone's store is empty: the committed ledger brings back every state first, so the
-    # current state finds its parent and the figures keep the states not rerun here
-    restored = ledger.load(client())
-    report = sync(params, dataset, results, curve_file=CURVE, curve_provenance=learn.get("provenance"))
+    entry = ledger.record(params, metrics.flat(files))
 
     table = {}
-    for r in results:
-        if isinstance(r, Result):
-            table.setdefault(r.method, {})[r.domain] = r.metrics["ppl"]
+    for f in files:
+        if f.kind == "ppl":
+            table.setdefault(f.row, {})[f.domain] = f.data["ppl"]
     in_domain = {row: t[dataset] for row, t in table.items() if dataset in t}
     states = sweeps.states(params, dataset)
     spread = sweeps.seed_spread(params, dataset, states)
@@ -104,12 +81,14 @@ def main(params):
             + ("" if curves or transfers or seeds > 1 else
                "None yet: queue a sweep (`make sweep-tau`, see the README) or other seeds.\n"))
     figures = sorted(PLOTS.glob("*.png")) + sorted((PLOTS / "sweeps").glob("*.png"))
-    sync(params, dataset, [], artifacts=[*figures, HARDEN_STATS, PLOTS / "ppl.csv", CURVE])
-    recorded = ledger.save(client())
+    report = mlflow_export.export(ledger.read(), entry, files, curve_file=CURVE,
+                                  artifacts=[*figures, HARDEN_STATS, PLOTS / "ppl.csv", CURVE],
+                                  curve_provenance=learn.get("provenance"))
     n = len(curves) + len(transfers) + (seeds > 1)
-    return (f"MLflow parent {report.parent[:8]}: {len(report.created)} run(s) logged, {len(report.replaced)} replaced, "
-            f"{report.kept} already there; {n} sweep figure(s); {seeds} seed(s) of this state; "
-            f"{ledger.LEDGER}: {recorded} state(s), {restored} restored into MLflow")
+    return (f"state {entry['run_name']!r} recorded in {ledger.ledger_path().name} "
+            f"({len(states)} state(s) of this experiment); {n} sweep figure(s); {seeds} seed(s) of this state; "
+            f"MLflow: {len(report.created)} run(s) logged, {len(report.replaced)} replaced, {report.kept} already "
+            f"there, {report.states} state(s) exported")
 
 
 if __name__ == "__main__":

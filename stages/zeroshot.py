@@ -8,14 +8,14 @@ to MLflow.
 import sys
 from pathlib import Path
 
-from pipeline import zeroshot
+from pipeline.evaluation import zeroshot
 from pipeline.io import write_json
-from pipeline.modeling import default_device  # torch before run_stage: its flush-to-zero reaches torch's threads
+from pipeline.model.loading import default_device  # torch before run_stage: its flush-to-zero reaches torch's threads
 from pipeline.provenance import provenance
-from pipeline.row_model import build_row_model
-from pipeline.rows import DENSE
+from pipeline.evaluation.row_model import build_row_model
+from pipeline.evaluation.rows import DENSE
 from pipeline.stage import run_stage
-from pipeline.tokenizer import load_tokenizer
+from pipeline.model.tokenizer import load_tokenizer
 
 
 def main(params, row, task):

@@ -12,7 +12,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 # Outputs of an earlier run in the developer's checkout never leak into a test copy.
-SKIP = ("tests/", "notebooks/", "bench/", "artifacts/", "metrics/", "plots/", "mlflow")
+SKIP = ("tests/", "notebooks/", "bench/", "artifacts/", "metrics/", "plots/", "records/", "mlflow")
 
 
 def repo_env(**extra) -> dict:
@@ -127,7 +127,7 @@ def micro_copy(micro_base, tmp_path):
 @pytest.fixture(scope="module")
 def single_thread():
     """Tiny tensors: OpenMP fork/join costs more than it saves, and stalls on a busy machine."""
-    from pipeline.sparsegpt import one_thread
+    from pipeline.oneshot.sparsegpt import one_thread
 
     with one_thread():
         yield

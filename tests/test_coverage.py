@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 import transformers as tf
 
-from pipeline import calibration
-from pipeline.calibration import InputStats, capture_block_inputs, observe_block
+from pipeline.oneshot import calibration
+from pipeline.oneshot.calibration import InputStats, capture_block_inputs, observe_block
 from pipeline.config import ParamsError, parse_params
-from pipeline.coverage import check_coverage, measure_coverage
-from pipeline.data import sample_windows
-from pipeline.magnitude import magnitude_mask
-from pipeline.nm import NMError, _probe_layouts, block_weights, find_blocks, find_prunable_layers, is_nm
-from pipeline.oneshot import prune_oneshot
+from pipeline.model.coverage import check_coverage, measure_coverage
+from pipeline.data.tokens import sample_windows
+from pipeline.oneshot.magnitude import magnitude_mask
+from pipeline.model.nm import NMError, _probe_layouts, block_weights, find_blocks, find_prunable_layers, is_nm
+from pipeline.oneshot.prune import prune_oneshot
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

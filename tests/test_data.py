@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.data import (DataError, load_corpus, load_shakespeare, load_wiki, sample_windows, split_articles,
-                           split_corpus, tokenize, windows)
+from pipeline.data.corpora import load_corpus, load_shakespeare, load_wiki, split_articles, split_corpus
+from pipeline.data.tokens import DataError, sample_windows, tokenize, windows
 
 
 def test_wiki_is_the_embedded_10033_articles():
@@ -84,7 +84,7 @@ def test_windows_drop_the_tail_and_sample_is_seeded():
 
 
 def test_pydocs_reads_rst_sources_one_article_per_file(tmp_path):
-    from pipeline.data import load_pydocs
+    from pipeline.data.corpora import load_pydocs
 
     (tmp_path / "library").mkdir()
     (tmp_path / "library" / "os.rst.txt").write_text(":mod:`os` --- Miscellaneous interfaces\n====\n")

@@ -9,7 +9,7 @@ from dvc.repo import Repo
 ROOT = Path(__file__).resolve().parent.parent
 # stages whose uncached output git does not carry, and why their rerun costs nothing
 RERUN_IS_FREE = {
-    "prior_file": "always runs anyway (the sha256 of learn.prior_file), instantly",
+    "learn_prior": "always runs anyway (the path and sha256 of the prior mask), instantly",
     "row@": "a fingerprint of files, under a second; its rerun writes the same bytes, so the evaluations stay cached",
 }
 

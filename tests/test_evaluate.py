@@ -4,7 +4,7 @@ import math
 import torch
 from torch import nn
 
-from pipeline.evaluate import perplexity, window_losses
+from pipeline.evaluation.perplexity import perplexity, window_losses
 
 
 class FixedLogits(nn.Module):

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pipeline.evaluate import perplexity
-from pipeline.magnitude import magnitude_mask
-from pipeline.masks_io import apply_masks, export_sparse_checkpoint
-from pipeline.nm import find_prunable_layers
+from pipeline.evaluation.perplexity import perplexity
+from pipeline.oneshot.magnitude import magnitude_mask
+from pipeline.model.masks_io import apply_masks, export_sparse_checkpoint
+from pipeline.model.nm import find_prunable_layers
 from tests.tiny_models import tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")

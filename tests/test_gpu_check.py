@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 BLOCKED = ("pydantic", "mlflow", "dvc", "gguf")  # absent on the GPU machine
 
 
@@ -20,7 +19,7 @@ def _env(tmp_path: Path) -> dict:
 
 
 def test_dry_run_runs_every_part_without_dvc_mlflow_pydantic_or_gguf(tmp_path):
-    from gpu_check import LEARN_RUNS
+    from bench.gpu_check import LEARN_RUNS
 
     env = _env(tmp_path)
     blocked = subprocess.run([sys.executable, "-c", "import pydantic"], env=env, capture_output=True, text=True)
@@ -55,6 +54,6 @@ def test_without_cuda_it_says_so_and_how_to_dry_run(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: gpu_check.py would run the GPU check, not refuse")
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(tmp_path / "x.json")],
-                         env=_env(tmp_path), capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path / "x.json")],
+                         cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True)
     assert res.returncode == 2 and "--cpu-dry-run" in res.stderr and not (tmp_path / "x.json").exists()

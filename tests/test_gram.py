@@ -1,11 +1,11 @@
-"""pipeline.gram: the accumulated upper triangle of X^T X, through MKL's syrk and through the panels."""
+"""pipeline.oneshot.gram: the accumulated upper triangle of X^T X, through MKL's syrk and through the panels."""
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import gram
-from pipeline.calibration import InputStats
+from pipeline.oneshot import gram
+from pipeline.oneshot.calibration import InputStats
 
 
 def test_torch_carries_mkl_syrk_on_this_x86_build():

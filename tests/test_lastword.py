@@ -1,10 +1,10 @@
-"""LAMBADA-style last-word passages (pipeline/lastword.py): hand-checked cases and invariants."""
+"""LAMBADA-style last-word passages (pipeline/evaluation/lastword.py): hand-checked cases and invariants."""
 import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.lastword import TARGET, interleave, passages, split_target
+from pipeline.evaluation.lastword import TARGET, interleave, passages, split_target
 
 WORDS = " ".join(f"w{i}" for i in range(20))  # 20 context words that are never targets (digits)
 

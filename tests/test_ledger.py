@@ -1,84 +1,94 @@
-"""The committed ledger of pipeline states (pipeline/ledger.py): a fresh clone's empty MLflow store
-gets every state back, with the same sweeps, and an unchanged store rewrites it byte for byte."""
+"""The ledger (pipeline/records/ledger.py): the one record of pipeline states, and MLflow as its one-way export."""
 import json
+import multiprocessing
+import os
 
 import pytest
 
-from pipeline import ledger, sweeps, tracking
+from pipeline.records import ledger, mlflow_export, sweeps
 from tests.test_sweeps import log_state, params
 
 
-def use_store(monkeypatch, path):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
-
-
 @pytest.fixture
-def logged(tmp_path, monkeypatch):
-    """A store with three states of the default params: the current one and two tau points."""
-    use_store(monkeypatch, tmp_path / "a.db")
+def book(tmp_path, monkeypatch):
+    monkeypatch.setenv("MASKLLM_LEDGER", str(tmp_path / "states.json"))
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
-    for name, tau, ppl in [("current", 4.0, 40.0), ("tau-1", 1.0, 55.5), ("tau-8", 8.0, 47.25)]:
-        monkeypatch.setenv("DVC_EXP_NAME", name)
-        log_state(tmp_path, params(tau=tau), {"maskllm": ppl, "sparsegpt": 50.0}, name)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
     return tmp_path
 
 
-def states_by_id(c):
-    return {ledger.state_id(r): r for runs in ledger.parents(c).values() for r in runs}
+def test_a_rerun_of_a_state_updates_its_one_entry(book, monkeypatch):
+    first = ledger.record(params(), {"ppl.maskllm.wiki": 40.0, "ppl.dense.wiki": 14.0}, now=100.0)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-b")
+    again = ledger.record(params(), {"ppl.maskllm.wiki": 39.0}, now=200.0)
+    entries = ledger.read()
+    assert len(entries) == 1 and first["id"] == again["id"] == ledger.state_id(params(), "abc123")
+    e = entries[0]
+    # the metrics files are the truth of a state: the whole set is replaced, a result gone is gone
+    assert e["metrics"] == {"ppl.maskllm.wiki": 39.0}
+    assert (e["start_time"], e["end_time"]) == (100_000, 200_000)
+    assert e["tags"]["dvc_exp_names"] == "exp-a,exp-b" and e["tags"]["baseline_rev"] == "abc123"
+    assert e["params"]["learn.kappa"] == "100.0" and e["experiment"] == "smollm2/wiki/2:4"
 
 
-def test_a_fresh_store_gets_every_state_back(logged, monkeypatch):
-    path = logged / "states.json"
-    assert ledger.save(tracking.client(), path) == 3
-    before = states_by_id(tracking.client())
-    current = params()
-    points = sweeps.sweep_points(current, "wiki", "ppl.maskllm.wiki")
-    assert sorted(points["learn.tau"]) == [(1.0, 55.5), (4.0, 40.0), (8.0, 47.25)]
-
-    use_store(monkeypatch, logged / "fresh.db")  # a fresh clone: an empty store, the committed ledger
-    c = tracking.client()
-    assert sweeps.sweep_points(current, "wiki", "ppl.maskllm.wiki") == {}
-    assert ledger.load(c, path) == 3
-    after = states_by_id(c)
-    assert after.keys() == before.keys()
-    for i, run in after.items():
-        assert run.info.run_id != i  # a new run in the new store, under the id it was first logged with
-        old = before[i]
-        assert run.data.params == old.data.params and run.data.metrics == old.data.metrics
-        assert run.info.start_time == old.info.start_time and run.info.run_name == old.info.run_name
-        assert {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") and k != "ledger_id"} == \
-               {k: v for k, v in old.data.tags.items() if not k.startswith("mlflow.")}
-    assert sweeps.sweep_points(current, "wiki", "ppl.maskllm.wiki") == points
-    # loading again restores nothing more, and writing back is a fixed point
-    text = path.read_text()
-    assert ledger.load(c, path) == 0 and ledger.save(c, path) == 3
-    assert path.read_text() == text
+def test_another_revision_or_other_params_are_other_states(book, monkeypatch):
+    ledger.record(params(), {"ppl.maskllm.wiki": 40.0}, now=1)
+    ledger.record(params(tau=2.0), {"ppl.maskllm.wiki": 41.0}, now=2)
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "def456")
+    ledger.record(params(), {"ppl.maskllm.wiki": 40.5}, now=3)
+    entries = ledger.states("smollm2/wiki/2:4")
+    assert [e["metrics"]["ppl.maskllm.wiki"] for e in entries] == [40.0, 41.0, 40.5]  # oldest first
+    assert len({e["id"] for e in entries}) == 3
 
 
-def test_the_current_state_reuses_its_restored_parent(logged, monkeypatch):
-    path = logged / "states.json"
-    ledger.save(tracking.client(), path)
-    use_store(monkeypatch, logged / "fresh.db")
-    c = tracking.client()
-    ledger.load(c, path)
-    monkeypatch.setenv("DVC_EXP_NAME", "current")
-    log_state(logged, params(), {"maskllm": 40.0, "dense": 14.0}, "again")  # same params, same commit
-    assert len(states_by_id(c)) == 3  # no second parent for the same state
-    ledger.save(c, path)
-    saved = {e["id"]: e for e in ledger.read(path)}
-    assert len(saved) == 3
-    current = [e for e in saved.values() if e["params"]["learn.tau"] == "4.0"]
-    assert len(current) == 1 and current[0]["metrics"]["ppl.dense.wiki"] == 14.0
+def test_a_state_is_named_by_what_it_changed_from_the_defaults(book):
+    from pipeline.config import Params
+
+    assert ledger.state_name(Params()) == "defaults"
+    changed = Params.model_validate({"learn": {"kappa": 100.0, "seed": 1}})
+    assert ledger.state_name(changed) == "learn.kappa=100.0, learn.seed=1"
+    assert ledger.record(changed, {}, now=1)["run_name"] == "learn.kappa=100.0, learn.seed=1"
 
 
-def test_a_state_the_store_lacks_keeps_its_entry(logged):
-    path = logged / "states.json"
-    ledger.save(tracking.client(), path)
-    raw = json.loads(path.read_text())
-    ghost = dict(raw["states"][0], id="ghost", experiment="other/wiki/2:4", start_time=1)
-    path.write_text(json.dumps({"version": 1, "states": raw["states"] + [ghost]}))
-    assert ledger.save(tracking.client(), path) == 4
-    assert "ghost" in {e["id"] for e in ledger.read(path)}
+def test_a_queued_experiment_records_in_the_main_repositorys_ledger(tmp_path, monkeypatch):
+    monkeypatch.delenv("MASKLLM_LEDGER", raising=False)
+    queued = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc"
+    queued.mkdir(parents=True)
+    monkeypatch.chdir(queued)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert ledger.ledger_path() == tmp_path / "repo" / "records" / "states.json"
+    assert ledger.repo_root() == tmp_path / "repo"
+
+
+def _record_many(path: str, offset: int) -> None:
+    os.environ["MASKLLM_LEDGER"] = path
+    for i in range(12):
+        ledger.record(params(tau=1.0 + offset + i / 100), {"ppl.maskllm.wiki": float(offset + i)})
+
+
+def test_experiments_recording_side_by_side_lose_nothing(book):
+    path = str(book / "states.json")
+    procs = [multiprocessing.get_context("spawn").Process(target=_record_many, args=(path, k)) for k in (0, 50)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(e["metrics"]["ppl.maskllm.wiki"] for e in ledger.read()) == [float(k + i) for k in (0, 50)
+                                                                                for i in range(12)]
+
+
+def test_an_older_state_lacking_a_key_counts_with_its_implied_value(book):
+    log_state(book, params(), {"maskllm": 40.0}, "current")
+    log_state(book, params(learn_seed=1), {"maskllm": 42.0}, "seed1")
+    raw = json.loads((book / "states.json").read_text())
+    for key in ledger.IMPLIED:  # the seed-1 state was recorded before these keys existed
+        raw["states"][1]["params"].pop(key)
+    (book / "states.json").write_text(json.dumps(raw))
+    assert sweeps.seed_spread(params(), "wiki")["ppl.maskllm.wiki"]["n"] == 2
+    raw["states"][1]["params"]["learn.recompute_masked_weights"] = "unheard-of"  # a value, not implied
+    (book / "states.json").write_text(json.dumps(raw))
+    assert sweeps.seed_spread(params(), "wiki")["ppl.maskllm.wiki"]["n"] == 1
 
 
 @pytest.mark.parametrize("text, says", [
@@ -98,38 +108,25 @@ def test_no_ledger_yet_is_empty(tmp_path):
     assert ledger.read(tmp_path / "none.json") == []
 
 
-def test_a_parent_opened_before_the_ledger_is_merged_not_doubled(logged, monkeypatch):
-    """A fresh clone whose ``learn`` reruns: it opens the current state's parent (for its live
-    curves) in the empty store before ``track`` restores the ledger; the ledger's entry for that
-    state must land in that parent, or the state splits in two and the newer, result-less parent
-    hides the results from the seed spread."""
-    path = logged / "states.json"
-    ledger.save(tracking.client(), path)
-    before = {e["params"]["learn.tau"]: e for e in ledger.read(path)}
-    use_store(monkeypatch, logged / "fresh.db")
-    c = tracking.client()
-    monkeypatch.setenv("DVC_EXP_NAME", "current")
-    opened = tracking.Pipeline.open(params(), "wiki")  # what learn does first; no results yet
-    assert opened.created
-    assert ledger.load(c, path) == 3
-    by_tau = {r.data.params["learn.tau"]: r for runs in ledger.parents(c).values() for r in runs}
-    assert len(states_by_id(c)) == 3  # the opened parent took the ledger's state: no fourth run
-    merged = by_tau["4.0"]
-    assert merged.info.run_id == opened.run_id and ledger.state_id(merged) == before["4.0"]["id"]
-    assert merged.data.metrics["ppl.maskllm.wiki"] == 40.0  # the ledger's results, now in that run
-    # the seed spread of the current state is its own result, not hidden by a result-less twin
-    assert sweeps.seed_spread(params(), "wiki")["ppl.maskllm.wiki"]["n"] == 1
-    assert tracking.Pipeline.open(params(), "wiki").run_id == opened.run_id
-    assert ledger.load(c, path) == 0 and ledger.save(c, path) == 3
-
-
-def test_the_seed_spread_skips_a_parent_without_results(logged):
-    """A parent with no PPL yet (a learn running, or one that failed) is not a seed state: the
-    latest run of the seed pair that holds results stands for it."""
-    c = tracking.client()
-    exp = c.get_experiment_by_name(next(iter(ledger.parents(c))))
-    c.create_run(exp.experiment_id, tags={"role": "pipeline", "params_hash": "other", "baseline_rev": "later"})
-    run = c.search_runs([exp.experiment_id], "tags.params_hash = 'other'")[0]
-    tracking._log_params(c, run.info.run_id, tracking.flat_params(params()))
-    states = sweeps.seed_states(params(), "wiki")
-    assert [s.data.metrics.get("ppl.maskllm.wiki") for s in states] == [40.0]
+def test_mlflow_is_refilled_from_the_ledger_and_nothing_is_read_back(book, monkeypatch):
+    """A fresh clone: an empty MLflow store and the committed ledger. The export gives every state a
+    parent run with its params, results and name, in a model-training experiment; it changes no byte of
+    the ledger, and a second export changes nothing in MLflow."""
+    for name, tau, ppl in [("current", 4.0, 40.0), ("tau-1", 1.0, 55.5), ("tau-8", 8.0, 47.25)]:
+        log_state(book, params(tau=tau), {"maskllm": ppl, "sparsegpt": 50.0}, name)
+    text = (book / "states.json").read_text()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{book / 'fresh.db'}")
+    c = mlflow_export.client()
+    assert mlflow_export.export_states(c, ledger.read()) == 3
+    assert mlflow_export.export_states(c, ledger.read()) == 0
+    assert (book / "states.json").read_text() == text
+    exp = c.get_experiment_by_name("smollm2/wiki/2:4")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = {r.data.tags["state_id"]: r for r in c.search_runs([exp.experiment_id], "tags.role = 'pipeline'")}
+    for e in ledger.read():
+        run = runs[e["id"]]
+        assert run.data.metrics == e["metrics"] and run.data.params == e["params"]
+        assert run.info.run_name == e["run_name"] and run.info.start_time == e["start_time"]
+    assert sorted(r.info.run_name for r in runs.values()) == ["learn.kappa=100.0, learn.weight_reg=1e-05",
+                                                            "learn.tau=1.0, learn.kappa=100.0, learn.weight_reg=1e-05",
+                                                            "learn.tau=8.0, learn.kappa=100.0, learn.weight_reg=1e-05"]

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import mask_kernel as mk
-from pipeline.nm import candidates
+from pipeline.maskllm import kernel as mk
+from pipeline.model.nm import candidates
 
 
 def lowbias32(x: int) -> int:
@@ -238,7 +238,7 @@ def test_a_compiler_without_openmp_builds_the_same_kernel_on_one_thread(kernel, 
                 raise RuntimeError("clang: error: unsupported option '-fopenmp'")
             return real(*args, **kwargs)
         ce.load = load
-        from pipeline import mask_kernel as mk
+        from pipeline.maskllm import kernel as mk
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             k = mk.cpp_kernel()

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from torch.nn.utils import parametrize
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from pipeline import mask_kernel as mk
-from pipeline import maskllm as ml
-from pipeline.nm import candidates, find_prunable_layers, is_nm
+from pipeline.maskllm import kernel as mk
+from pipeline.maskllm import masks as ml
+from pipeline.model.nm import candidates, find_prunable_layers, is_nm
 from tests.tiny_models import tiny_llama
 
 S24 = candidates(2, 4)  # (0,1) (0,2) (0,3) (1,2) (1,3) (2,3)
@@ -389,7 +389,7 @@ def test_learn_recompute_masked_weights_reaches_the_masks_and_not_the_fingerprin
     """learn.recompute_masked_weights switches RecomputedWeights; it changes no bit of the run (tested
     above), so a checkpoint of the run resumes across it."""
     from pipeline.config import Learn, Sparsity
-    from pipeline.learn import Dist, fingerprint, prepare
+    from pipeline.maskllm.train import Dist, fingerprint, prepare
 
     cfg = Learn(recompute_masked_weights=recompute)
     _, masks = prepare(tiny_llama(), None, cfg, Sparsity(), Dist(), "cpu")

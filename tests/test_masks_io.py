@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.magnitude import magnitude_mask
-from pipeline.masks_io import (
+from pipeline.oneshot.magnitude import magnitude_mask
+from pipeline.model.masks_io import (
     apply_masks,
     export_packed_npz,
     export_sparse_checkpoint,
@@ -18,7 +18,7 @@ from pipeline.masks_io import (
     save_masks,
     save_weights,
 )
-from pipeline.nm import find_prunable_layers
+from pipeline.model.nm import find_prunable_layers
 from tests.tiny_models import tiny_gpt2, tiny_llama
 
 

@@ -1,4 +1,4 @@
-"""bench/memory_plan.py: shapes vs published counts, meta-tensor counts vs real CPU runs, the plan's rules."""
+"""pipeline/maskllm/memory_plan.py: shapes vs published counts, meta-tensor counts vs real CPU runs, the plan's rules."""
 import json
 import math
 import subprocess
@@ -9,11 +9,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import memory_plan as mp  # noqa: E402
+from pipeline.maskllm import memory_plan as mp
 
-CONFIGS = ROOT / "bench" / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIGS = ROOT / "pipeline" / "maskllm" / "model_configs"
 # the parameter counts the model cards / hubs publish (embeddings and a tied head counted once)
 PUBLISHED = {"smollm2-135m": 134_515_008, "llama-3.2-1b": 1_235_814_400, "llama-2-7b": 6_738_415_616,
              "llama-3.1-8b": 8_030_261_248, "llama-2-70b": 68_976_648_192}
@@ -151,8 +151,8 @@ def test_block_count_on_meta_equals_a_real_cpu_block(dtype):
 
 
 def test_mask_cost_on_meta_equals_the_torch_path_on_real_cpu_tensors():
-    from pipeline.mask_kernel import masked_weight_reference
-    from pipeline.nm import candidates
+    from pipeline.maskllm.kernel import masked_weight_reference
+    from pipeline.model.nm import candidates
 
     shape, cands = (16, 32), candidates(2, 4)
     weight = torch.randn(shape)
@@ -171,8 +171,8 @@ def test_mask_cost_on_meta_equals_the_torch_path_on_real_cpu_tensors():
 
 
 def test_the_cpu_kernel_keeps_only_its_inputs():
-    from pipeline.mask_kernel import kernel_name, masked_weight
-    from pipeline.nm import candidates
+    from pipeline.maskllm.kernel import kernel_name, masked_weight
+    from pipeline.model.nm import candidates
 
     assert kernel_name("cpu", 6) == "cpp"  # the plan's device=cpu assumes the C++ kernel
     weight, cands = torch.randn(16, 32), candidates(2, 4)
@@ -201,14 +201,14 @@ def test_bad_input_is_named_before_any_work():
     with pytest.raises(mp.PlanError, match="batch=3 must be divisible by world=2"):
         mp.plan_learn(SMOL, mp.LearnSetup(batch=3, world=2))
     with pytest.raises(mp.PlanError, match="no such config.*llama-2-7b"):
-        mp.load_config("bench/configs/llama-9-1b.json")
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_plan.py"), SMOL, "--nm", "2-4"],
-                         capture_output=True, text=True)
+        mp.load_config("pipeline/maskllm/model_configs/llama-9-1b.json")
+    res = subprocess.run([sys.executable, "-m", "pipeline.maskllm.memory_plan", SMOL, "--nm", "2-4"],
+                         cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "--nm '2-4': write N:M" in res.stderr
 
 
 def test_command_line_prints_the_peak_and_its_terms():
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_plan.py"), "smollm2-135m", "--device", "cpu",
-                          "--json"], capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-m", "pipeline.maskllm.memory_plan", "smollm2-135m", "--device", "cpu",
+                          "--json"], cwd=ROOT, capture_output=True, text=True, check=True)
     plan = json.loads(res.stdout)
     assert plan["device_peak_bytes"] == sum(plan["terms"].values()) and plan["model"] == "smollm2-135m"

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import pipeline.modeling as modeling
+import pipeline.model.loading as modeling
 from pipeline.config import TinyModel, parse_params
 
 

@@ -16,7 +16,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from pipeline.nm import (
+from pipeline.model.nm import (
     NMError,
     PrunableLayer,
     candidates,
@@ -26,7 +26,7 @@ from pipeline.nm import (
     is_nm,
     topn_mask,
 )
-from pipeline.observe import Layout, LinearUses, locate
+from pipeline.model.observe import Layout, LinearUses, locate
 from tests.tiny_models import tiny_llama
 
 

@@ -7,13 +7,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from pipeline.calibration import InputStats, capture_block_inputs, observe_block
-from pipeline.data import sample_windows
-from pipeline.magnitude import magnitude_mask
-from pipeline.nm import NMError, find_blocks, find_prunable_layers, is_nm
-from pipeline.oneshot import prune_oneshot
-from pipeline.sparsegpt import sparsegpt_prune
-from pipeline.wanda import wanda_mask
+from pipeline.oneshot.calibration import InputStats, capture_block_inputs, observe_block
+from pipeline.data.tokens import sample_windows
+from pipeline.oneshot.magnitude import magnitude_mask
+from pipeline.model.nm import NMError, find_blocks, find_prunable_layers, is_nm
+from pipeline.oneshot.prune import prune_oneshot
+from pipeline.oneshot.sparsegpt import sparsegpt_prune
+from pipeline.oneshot.wanda import wanda_mask
 from tests.tiny_models import tiny_gpt2, tiny_llama
 
 
@@ -144,7 +144,7 @@ def test_magnitude_needs_no_calibration():
     assert len(result.masks) == 14 and result.errors == {}
     with pytest.raises(ValueError, match="needs calibration"):
         prune_oneshot(model, "wanda", None, 2, 4)
-    with pytest.raises(ValueError, match="unknown 'obs'"):
+    with pytest.raises(ValueError, match="unknown one-shot method 'obs'"):
         prune_oneshot(model, "obs", None, 2, 4)
     with pytest.raises(NMError, match="not divisible by m=3"):
         prune_oneshot(model, "magnitude", None, 1, 3)

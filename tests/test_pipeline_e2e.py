@@ -10,12 +10,14 @@ import urllib.request
 
 import pytest
 
-from pipeline.rows import ROWS
+from pipeline.evaluation.rows import ROWS
 from tests.conftest import BIN, repo_env, run, set_params
 
 DOMAINS = ("wiki", "shakespeare")  # the micro profile's evaluate.domains
 EXPERIMENT = "tiny/wiki/2:4"
-ALWAYS = ["prior_file", "track"]  # always_changed stages: instant, they run on every repro
+ALWAYS = ["learn_prior", "track"]  # always_changed stages: instant, they run on every repro
+# a new MaskLLM mask: learn, harden, every row fingerprint (instant; only maskllm's changes), its evaluations
+MASKLLM_BRANCH = ["learn", "harden", *(f"row@{r}" for r in ROWS)]
 ZEROSHOT = "lastword"  # the micro profile's evaluate.zeroshot_tasks (default)
 
 
@@ -154,7 +156,7 @@ def test_learn_ablation_reruns_only_the_maskllm_branch_and_logs_a_new_state(micr
     run(["git", "add", "-A"], micro_copy)
     run(["git", "commit", "-qm", "reproduced"], micro_copy)
     res = dvc(micro_copy, "exp", "run", "-S", "learn.tau=2")
-    assert stages_run(res.stdout) == sorted(["learn", "harden", "row@maskllm", *ALWAYS, "plot", f"zeroshot@maskllm-{ZEROSHOT}",
+    assert stages_run(res.stdout) == sorted([*MASKLLM_BRANCH, *ALWAYS, "plot", f"zeroshot@maskllm-{ZEROSHOT}",
                                              *(f"evaluate@maskllm-{d}" for d in DOMAINS)]), res.stdout
     parents = mlflow_runs(micro_copy, "pipeline")
     assert len(parents) == 2
@@ -170,14 +172,14 @@ def test_learn_ablation_reruns_only_the_maskllm_branch_and_logs_a_new_state(micr
     assert len(mlflow_runs(micro_copy)) == count
     names = mlflow_runs(micro_copy, "pipeline").set_index("params.learn.tau").loc["2.0", "tags.dvc_exp_names"]
     assert len(names.split(",")) == 2  # both experiment names are on the one parent
-    # a fresh clone has an empty MLflow store: track restores both states from the committed
-    # ledger, the current one finds its parent again, and the tau figure keeps both points
-    ledger = json.loads((micro_copy / "plots" / "states.json").read_text())
+    # a fresh clone has an empty MLflow store: track exports both states from the committed
+    # ledger, and the tau figure (drawn from the ledger) keeps both points
+    ledger = json.loads((micro_copy / "records" / "states.json").read_text())
     assert sorted(e["params"]["learn.tau"] for e in ledger["states"]) == ["2.0", "4.0"]
     (micro_copy / "mlflow.db").unlink()
     fresh = dvc(micro_copy, "repro")
     assert stages_run(fresh.stdout) == ALWAYS, fresh.stdout
-    assert "plots/states.json: 2 state(s), 2 restored into MLflow" in fresh.stdout
+    assert "2 state(s) exported" in fresh.stdout
     assert sorted(mlflow_runs(micro_copy, "pipeline")["params.learn.tau"]) == ["2.0", "4.0"]
     assert "`learn.tau`: 2 values around the current params" in (micro_copy / "plots" / "sweeps" / "index.md").read_text()
 
@@ -186,12 +188,12 @@ def test_a_learned_mask_as_prior_reruns_only_the_maskllm_branch(micro_copy):
     """learn.prior=file: the workspace's MaskLLM mask, exported and `dvc add`ed, as the prior."""
     run(["git", "add", "-A"], micro_copy)
     run(["git", "commit", "-qm", "reproduced"], micro_copy)
-    out = run([str(BIN / "python"), "-m", "pipeline.transfer", "export", "masks/general.safetensors"], micro_copy)
+    out = run([str(BIN / "python"), "-m", "pipeline.maskllm.transfer", "export", "masks/general.safetensors"], micro_copy)
     assert "learned on wiki" in out.stdout
     dvc(micro_copy, "add", "masks/general.safetensors")
     res = dvc(micro_copy, "exp", "run", "-n", "from-file", "-S", "learn.prior=file",
               "-S", "learn.prior_file=masks/general.safetensors")
-    assert stages_run(res.stdout) == sorted(["learn", "harden", "row@maskllm", *ALWAYS, "plot", f"zeroshot@maskllm-{ZEROSHOT}",
+    assert stages_run(res.stdout) == sorted([*MASKLLM_BRANCH, *ALWAYS, "plot", f"zeroshot@maskllm-{ZEROSHOT}",
                                              *(f"evaluate@maskllm-{d}" for d in DOMAINS)]), res.stdout
     assert "masks/general.safetensors: sha256" in res.stdout and "maskllm mask learned on wiki" in res.stdout
     with open(micro_copy / "plots" / "learn_curve.csv") as f:

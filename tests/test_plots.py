@@ -1,10 +1,10 @@
-"""Figures (pipeline/plots.py), checked on the drawn matplotlib objects, not on pixels."""
+"""Figures (pipeline/records/plots.py), checked on the drawn matplotlib objects, not on pixels."""
 from itertools import combinations
 
 import matplotlib.pyplot as plt
 import pytest
 
-from pipeline import plots
+from pipeline.records import plots
 
 # the README's transfer figure: these labels overlapped ("3x10^2" over "4x10^2")
 TRANSFER = [("SparseGPT, wiki mask (no transfer)", 205.40, "sparsegpt"), ("MaskLLM, wiki mask (no transfer)", 231.61, "maskllm"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline import calibration
+from pipeline.oneshot import calibration
 from pipeline.config import parse_params
 from pipeline.io import sha256_files
 

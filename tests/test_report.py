@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from pipeline.report import table, zeroshot_table
-from pipeline.results import ONE_SHOT, best_one_shot, gap_closed
-from pipeline.rows import ROWS
+from pipeline.records.report import table, zeroshot_table
+from pipeline.records.metrics import ONE_SHOT, best_one_shot, gap_closed
+from pipeline.evaluation.rows import ROWS
 
 README = {  # the default run's wiki and pydocs PPLs (README)
     "wiki": {"dense": 14.01, "magnitude": 1566.70, "wanda": 128.05, "sparsegpt": 50.61, "sparsegpt_maskonly": 78.72,

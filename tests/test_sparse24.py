@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from pipeline.magnitude import magnitude_mask
-from pipeline.nm import NMError, find_prunable_layers
-from pipeline.sparse24 import (
+from pipeline.oneshot.magnitude import magnitude_mask
+from pipeline.model.nm import NMError, find_prunable_layers
+from bench.sparse24 import (
     FUSED_EXPERTS,
     NOT_A_TARGET,
     OUTSIDE_BLOCKS,
@@ -298,7 +298,7 @@ def test_module_holds_torchs_sparse_tensor_and_counts_its_packed_bytes():
     assert weight_bytes(module) == 64 * 64 * 2 + 64 * 128 // 8 == w.numel() * 2 * 9 // 16
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "bench" / "configs").glob("*.json")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", sorted((ROOT / "pipeline" / "maskllm" / "model_configs").glob("*.json")), ids=lambda p: p.stem)
 def test_shipped_configs_every_block_linear_is_eligible(config):
     from transformers import AutoModelForCausalLM
 
@@ -313,9 +313,9 @@ def test_shipped_configs_every_block_linear_is_eligible(config):
 
 
 def test_shipped_configs_include_the_two_named_models():
-    names = {p.stem for p in (ROOT / "bench" / "configs").glob("*.json")}
+    names = {p.stem for p in (ROOT / "pipeline" / "maskllm" / "model_configs").glob("*.json")}
     assert {"smollm2-135m", "llama-3.2-1b"} <= names
-    for path in (ROOT / "bench" / "configs").glob("*.json"):
+    for path in (ROOT / "pipeline" / "maskllm" / "model_configs").glob("*.json"):
         assert "model_type" in json.loads(path.read_text()), path
 
 
@@ -327,7 +327,7 @@ def test_bench_stops_at_once_without_cuda(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench, "bench_model", lambda *a, **k: pytest.fail("built a model without CUDA"))
     out = tmp_path / "r.json"
     with pytest.raises(SystemExit) as stop:
-        bench.main(["--config", str(ROOT / "bench/configs/smollm2-135m.json"), "--out", str(out)])
+        bench.main(["--config", str(ROOT / "pipeline/maskllm/model_configs/smollm2-135m.json"), "--out", str(out)])
     assert "need a CUDA GPU of compute capability >= 8.0" in str(stop.value.code)
     assert "Nothing measured, nothing written" in str(stop.value.code)
     assert not out.exists()
@@ -340,7 +340,7 @@ def test_bench_stops_on_a_gpu_older_than_ampere(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
     monkeypatch.setattr(bench, "bench_model", lambda *a, **k: pytest.fail("built a model on a pre-Ampere GPU"))
     with pytest.raises(SystemExit) as stop:
-        bench.main(["--config", str(ROOT / "bench/configs/smollm2-135m.json"), "--out", str(tmp_path / "r.json")])
+        bench.main(["--config", str(ROOT / "pipeline/maskllm/model_configs/smollm2-135m.json"), "--out", str(tmp_path / "r.json")])
     assert "Tesla T4 has compute capability 7.5" in str(stop.value.code)
 
 
@@ -372,7 +372,7 @@ def test_bench_dry_run_on_cpu_imports_only_what_the_gpu_machine_has(tmp_path):
             "--decode-tokens", "2", "--repeat", "1", "--gemm-min-time", "0.001", "--out", str(out)]
     res = subprocess.run([sys.executable, "-c", DRIVER.format(bench=str(BENCH)), json.dumps(argv)],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr[-3000:]
     modules = set(json.loads(res.stdout.split("MODULES ")[-1]))
     assert not modules & {"pydantic", "dvc", "mlflow", "gguf", "datasets", "lm_eval", "matplotlib"}

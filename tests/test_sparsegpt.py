@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from pipeline.calibration import InputStats
-from pipeline.magnitude import magnitude_mask
-from pipeline.nm import NMError, is_nm
-from pipeline.oneshot import relative_error
-from pipeline.sparsegpt import (
+from pipeline.oneshot.calibration import InputStats
+from pipeline.oneshot.magnitude import magnitude_mask
+from pipeline.model.nm import NMError, is_nm
+from pipeline.oneshot.prune import relative_error
+from pipeline.oneshot.sparsegpt import (
     compiled_sweep,
     inverse_hessian_factor,
     obs_sweep,
@@ -14,7 +14,7 @@ from pipeline.sparsegpt import (
     sparsegpt_prune,
     sparsegpt_prune_layers,
 )
-from pipeline.wanda import wanda_mask
+from pipeline.oneshot.wanda import wanda_mask
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -4,14 +4,14 @@ import copy
 import pytest
 import torch
 
-from pipeline.calibration import InputStats
+from pipeline.oneshot.calibration import InputStats
 from pipeline.config import ParamsError, parse_params
-from pipeline.data import sample_windows
-from pipeline.magnitude import magnitude_mask
-from pipeline.nm import NMError, find_prunable_layers, is_nm
-from pipeline.oneshot import prune_oneshot
-from pipeline.sparsegpt_noupdate import inverse_hessian_factor, noupdate_mask, sparsegpt_noupdate_layers
-from pipeline.wanda import wanda_mask
+from pipeline.data.tokens import sample_windows
+from pipeline.oneshot.magnitude import magnitude_mask
+from pipeline.model.nm import NMError, find_prunable_layers, is_nm
+from pipeline.oneshot.prune import prune_oneshot
+from pipeline.oneshot.sparsegpt_noupdate import inverse_hessian_factor, noupdate_mask, sparsegpt_noupdate_layers
+from pipeline.oneshot.wanda import wanda_mask
 from tests.tiny_models import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -1,21 +1,22 @@
-"""Pipeline states in MLflow as ablations (pipeline/sweeps.py): sweeps, seeds and their spread."""
-import json
+"""Recorded pipeline states as ablations (pipeline/records/sweeps.py): sweeps, seeds and their spread."""
 import statistics
-from types import SimpleNamespace
 
 import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import sweeps, tracking
+from pipeline.records import sweeps
+
+from pipeline.records import ledger
 from pipeline.config import parse_params
 from tests.conftest import ROOT
 
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    """An empty ledger of this test's own."""
+    monkeypatch.setenv("MASKLLM_LEDGER", str(tmp_path / "states.json"))
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
     return tmp_path
 
@@ -28,13 +29,12 @@ def params(prior_seed=0, learn_seed=0, **learn):
     return parse_params(raw)
 
 
+_clock = iter(range(1_000, 10**9, 1_000))  # record times in order: "the latest run" is well defined
+
+
 def log_state(store, p, ppl: dict[str, float], name: str):
-    results = []
-    for row, value in ppl.items():
-        f = store / f"{name}-{row}.json"
-        f.write_text(json.dumps({"ppl": value, "nll": 1.0, "protocol": {}}))
-        results.append(tracking.Result(row, "wiki", True, json.loads(f.read_text()), f))
-    tracking.sync(p, "wiki", results)
+    """What the track stage records for a state whose in-domain (wiki) PPLs are ``ppl``."""
+    return ledger.record(p, {f"ppl.{row}.wiki": value for row, value in ppl.items()}, now=next(_clock))
 
 
 def test_seed_states_are_the_current_params_under_other_seeds(store, monkeypatch):
@@ -45,7 +45,7 @@ def test_seed_states_are_the_current_params_under_other_seeds(store, monkeypatch
     log_state(store, params(0, 0, tau=2.0), {"maskllm": 60.0}, "tau")  # another param: not a seed state
     current = params(0, 0)
     states = sweeps.seed_states(current, "wiki")
-    assert sorted(s.data.params["learn.seed"] + s.data.params["prior.seed"] for s in states) == ["00", "01", "11", "22"]
+    assert sorted(s["params"]["learn.seed"] + s["params"]["prior.seed"] for s in states) == ["00", "01", "11", "22"]
     spread = sweeps.seed_spread(current, "wiki")
     by_hand = [40.0, 42.0, 47.0, 99.0]
     mean = sum(by_hand) / 4
@@ -253,7 +253,7 @@ def test_after_the_default_moved_twice_each_former_default_is_a_centre(store, mo
 
 def test_sweep_panels_put_every_curve_and_the_best_one_shot_reference_of_each_domain():
     def run(**ppl):
-        return SimpleNamespace(data=SimpleNamespace(params={}, metrics={f"ppl.maskllm.{d}": v for d, v in ppl.items()}))
+        return {"params": {}, "metrics": {f"ppl.maskllm.{d}": v for d, v in ppl.items()}, "tags": {}}
 
     curves = {"learn.tau": [(None, {"4.0": ({}, run(wiki=30.0, shakespeare=200.0)), "2.0": ({}, run(wiki=29.0))}),
                             ({"learn.kappa": "100.0"}, {"4.0": ({}, run(wiki=40.0, shakespeare=210.0))})]}

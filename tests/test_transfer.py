@@ -7,11 +7,11 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from pipeline import tracking
+from pipeline.records import ledger
 from pipeline.config import ParamsError, parse_params
-from pipeline.maskllm import attach_masks
-from pipeline.masks_io import export_packed_npz, save_masks
-from pipeline.transfer import PriorFileError, dense_fingerprint, export_mask, load_prior_file, main
+from pipeline.maskllm.masks import attach_masks
+from pipeline.model.masks_io import export_packed_npz, save_masks
+from pipeline.maskllm.transfer import PriorFileError, dense_fingerprint, export_mask, load_prior_file, main
 from tests.conftest import ROOT
 from tests.test_masks_io import magnitude_masks, tiny_gpt2, tiny_llama
 
@@ -119,19 +119,14 @@ def state(store, source, prior, ppl, prior_file=None):
     raw["data"]["source"] = source
     raw["learn"].update(prior=prior, prior_file=prior_file)
     params = parse_params(raw)
-    results = []
-    for method, value in ppl.items():
-        f = store / f"{source}-{prior}-{method}.json"
-        f.write_text(json.dumps({"ppl": value, "nll": 1.0, "protocol": {}}))
-        results.append(tracking.Result(method, "shakespeare", source == "shakespeare", json.loads(f.read_text()), f))
-    tracking.sync(params, source, results)
+    ledger.record(params, {f"ppl.{method}.shakespeare": value for method, value in ppl.items()})
     return params
 
 
 def test_transfer_states_pair_the_general_state_with_the_runs_learned_on_the_new_domain(tmp_path, monkeypatch):
-    from pipeline.sweeps import transfer_bars, transfer_states
+    from pipeline.records.sweeps import transfer_bars, transfer_states
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MASKLLM_LEDGER", str(tmp_path / "states.json"))
     general = state(tmp_path, "wiki", "sparsegpt", {"dense": 50.0, "sparsegpt": 205.0, "maskllm": 231.0})
     state(tmp_path, "shakespeare", "sparsegpt", {"dense": 50.0, "sparsegpt": 150.0, "maskllm": 120.0})
     state(tmp_path, "shakespeare", "file", {"dense": 50.0, "sparsegpt": 150.0, "maskllm": 100.0},
@@ -139,9 +134,7 @@ def test_transfer_states_pair_the_general_state_with_the_runs_learned_on_the_new
     # another hyperparameter: not a transfer of this state
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"]["source"], raw["learn"]["tau"] = "shakespeare", 1.0
-    f = tmp_path / "tau.json"
-    f.write_text(json.dumps({"ppl": 1.0, "protocol": {}}))
-    tracking.sync(parse_params(raw), "shakespeare", [tracking.Result("maskllm", "shakespeare", True, {"ppl": 1.0}, f)])
+    ledger.record(parse_params(raw), {"ppl.maskllm.shakespeare": 1.0})
 
     states = transfer_states(general)
     assert list(states) == ["shakespeare"]

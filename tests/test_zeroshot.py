@@ -1,4 +1,4 @@
-"""Zero-shot accuracy through lm-evaluation-harness (pipeline/zeroshot.py, tasks/, stages/zeroshot.py).
+"""Zero-shot accuracy through lm-evaluation-harness (pipeline/evaluation/zeroshot.py, tasks/, stages/zeroshot.py).
 
 The task YAMLs load in lm-eval; the harness's scores on a tiny random LLaMA equal an independent
 reimplementation (log-likelihoods, greedy match, multiple-choice argmax); a hub task without the
@@ -20,10 +20,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline import zeroshot
+from pipeline.evaluation import zeroshot
 from pipeline.config import HUB_TASKS, Data, ParamsError, parse_params
-from pipeline.lastword import interleave, split_target
-from pipeline.rows import ROWS
+from pipeline.evaluation.lastword import interleave, split_target
+from pipeline.evaluation.rows import ROWS
 from tests.conftest import BIN, ROOT, repo_env
 
 ARTICLES = [
@@ -50,7 +50,7 @@ def tiny():
     """A tiny random LLaMA and a BPE tokenizer trained on the articles (like the micro profile's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.tokenizer import train_bpe
+    from pipeline.model.tokenizer import train_bpe
 
     tok = train_bpe(ARTICLES + [f"{r['goal']} {r['sol1']} {r['sol2']}" for r in PIQA], 320)
     torch.manual_seed(0)
@@ -186,7 +186,7 @@ def test_a_local_copy_without_a_split_names_the_splits(workdir):
 def offline_load(tmp_path, **env) -> tuple[subprocess.CompletedProcess, float]:
     """load_tasks(['piqa']) in a fresh process with an empty Hugging Face cache."""
     t0 = time.monotonic()
-    res = subprocess.run([sys.executable, "-c", "from pipeline import zeroshot; zeroshot.load_tasks(['piqa'])"],
+    res = subprocess.run([sys.executable, "-c", "from pipeline.evaluation import zeroshot; zeroshot.load_tasks(['piqa'])"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**{k: v for k, v in repo_env(HF_HOME=str(tmp_path / "hf")).items()
                                  if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}, **env})
@@ -207,7 +207,7 @@ def test_a_hub_task_without_the_hub_fails_in_seconds_naming_the_fix(tmp_path, se
         res, took = offline_load(tmp_path, **env)
     assert res.returncode != 0
     err = res.stderr.splitlines()[-1]
-    assert err.startswith("pipeline.zeroshot.ZeroShotError: zero-shot task 'piqa' needs its dataset"), res.stderr[-3000:]
+    assert err.startswith("pipeline.evaluation.zeroshot.ZeroShotError: zero-shot task 'piqa' needs its dataset"), res.stderr[-3000:]
     assert "evaluate.zeroshot_data.piqa" in err and "remove 'piqa' from evaluate.zeroshot_tasks" in err
     assert ("HF_HUB_OFFLINE is set" if setting == "HF_HUB_OFFLINE" else "is unreachable") in err
     assert took < 90  # a process start and imports; the hub's own retries would take minutes
@@ -298,6 +298,7 @@ def test_micro_pipeline_writes_and_logs_zero_shot_results(micro_zeroshot):
     assert parent[f"metrics.zeroshot.maskllm.lastword_{domains[0]}.acc"] == pytest.approx(
         json.loads((repo / "metrics/maskllm/zeroshot/lastword.json").read_text())
         ["results"][f"lastword_{domains[0]}"]["metrics"]["acc"])
-    assert parent["params.provenance.version.torch"] == torch.__version__
+    recorded = json.loads((repo / "records" / "states.json").read_text())["states"][-1]["metrics"]
+    assert recorded[f"zeroshot.maskllm.lastword_{domains[0]}.acc"] == parent[f"metrics.zeroshot.maskllm.lastword_{domains[0]}.acc"]
     assert (repo / "plots" / "zeroshot.png").read_bytes()[:4] == b"\x89PNG"
     assert os.path.getsize(repo / "plots" / "zeroshot.png") > 10_000

@@ -1,0 +1,49 @@
+"""The rows of the comparison and the artifacts each is built from: the dense model, every row of the
+one-shot methods (``pipeline.oneshot.registry``), and MaskLLM's hardened mask."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.oneshot import registry
+
+DENSE = Path("artifacts/dense")
+PRIOR = Path("artifacts/prior")
+HARDEN = Path("artifacts/harden")
+
+_OWN = {"dense": registry.Row("dense", "dense", "#27ae60"), "maskllm": registry.Row("maskllm", "MaskLLM", "#c0392b")}
+_ROWS = {"dense": _OWN["dense"], **{r.name: r for r in registry.rows()}, "maskllm": _OWN["maskllm"]}
+ROWS = tuple(_ROWS)
+# every row that prunes in one shot: the rows MaskLLM has to beat
+ONE_SHOT = tuple(r.name for r in registry.rows())
+
+
+def label(row: str) -> str:
+    """A row's name for readers (a row without a label keeps its key)."""
+    return _ROWS[row].label if row in _ROWS else row
+
+
+def colour(row: str, default: str = "#888888") -> str:
+    return _ROWS[row].colour if row in _ROWS else default
+
+
+def check_row(row: str) -> None:
+    if row not in _ROWS:
+        raise ValueError(f"unknown evaluation row {row!r}; one of {', '.join(ROWS)}")
+
+
+def row_mask_path(row: str) -> Path | None:
+    """The mask file a row evaluates (None: the dense model)."""
+    check_row(row)
+    if row == "dense":
+        return None
+    if row == "maskllm":
+        return HARDEN / "mask.safetensors"
+    return PRIOR / registry.method_of_row(row).name / "mask.safetensors"
+
+
+def row_weights_path(row: str) -> Path | None:
+    """The updated weights a row evaluates in place of the dense ones (SparseGPT's), if any."""
+    check_row(row)
+    if row in _OWN or not _ROWS[row].updated_weights:
+        return None
+    return PRIOR / registry.method_of_row(row).name / "weights.safetensors"
