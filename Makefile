@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # DVC stages call `python -m stages.X`: it must be the venv's python.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install lock pydocs repro test micro ui bench clean-venv sweeps-plot \
+.PHONY: install lock repro test micro ui bench clean-venv sweeps-plot \
 	sweep-tau sweep-kappa sweep-prior-strength sweep-prior sweep-reg sweep-steps sweep-transfer
 
 $(STAMP): pyproject.toml requirements-embedded.txt constraints.txt
@@ -30,16 +30,7 @@ lock:
 	{ sed -n '/^#/p' constraints.txt; $(LOCK_VENV)/bin/pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.tmp
 	mv constraints.txt.tmp constraints.txt && rm -rf $(LOCK_VENV)
 
-# Python's documentation, an out-of-domain evaluation domain (evaluate.domains: pydocs)
-PYDOCS := /usr/share/doc/python3.11/html/_sources
-pydocs:
-	@test -d $(PYDOCS) || { echo "installing Debian's python3.11-doc (evaluation domain 'pydocs')"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get install -y -q python3.11-doc >/dev/null 2>&1 || \
-	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q python3.11-doc >/dev/null; } || \
-	  { echo "could not install python3.11-doc: set data.pydocs_path or drop pydocs from evaluate.domains in params.yaml"; exit 1; }; }
-
-repro: install pydocs
+repro: install
 	$(BIN)/dvc repro
 	$(BIN)/dvc metrics show
 

@@ -78,14 +78,17 @@ def rank_learn(args, sampler: Sampler) -> dict:
     import pipeline.maskllm.train as learn_mod
     from pipeline.config import Learn, Sparsity
     from pipeline.data.tokens import load_tokens
-    from pipeline.maskllm.train import Checkpoint, Dist, learn_masks
+    from pipeline.maskllm.checkpoint import Checkpoint
+    from pipeline.maskllm.distributed import Dist
+    from pipeline.maskllm.train import learn_masks
     from pipeline.oneshot.magnitude import magnitude_mask
     from pipeline.maskllm.kernel import kernel_name
     from pipeline.model.loading import load_model
     from pipeline.model.nm import find_prunable_layers
 
     d = Dist.from_env()
-    cfg = Learn(steps=args.steps, batch_size=args.batch, seqlen=args.seqlen, nproc=args.nproc, parallel=args.parallel,
+    cfg = Learn(steps=args.steps, batch_size=args.batch, micro_batch_size=args.batch // args.nproc, seqlen=args.seqlen,
+                nproc=args.nproc, parallel=args.parallel,
                 dtype=args.dtype, activation_checkpointing=args.activation_checkpointing,
                 checkpoint_every=args.steps + 1, prior="magnitude" if args.prior else "none")
     sp = Sparsity(n=args.n, m=args.m)

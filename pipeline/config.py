@@ -52,10 +52,12 @@ class Sparsity(Section):
 
 
 class Data(Section):
-    source: Literal["wiki", "shakespeare", "pydocs", "wikitext2", "c4"] = "wiki"
+    source: Literal["wiki", "shakespeare", "numpy", "pydocs", "wikitext2", "c4"] = "wiki"
     hf_path: Optional[str] = None  # override of the hub dataset (a local dir / files for offline use)
     pydocs_path: Optional[str] = None  # folder of Python's .rst.txt doc sources; None = Debian's python3.11-doc
     test_fraction: float = Field(0.02, gt=0, lt=0.5)
+    # article-level, disjoint from train and test (the test articles stay those of test_fraction alone)
+    validation_fraction: float = Field(0.02, gt=0, lt=0.5)
     max_articles: Optional[int] = Field(None, ge=10)  # cap for quick runs; None = all
     seed: int = 0
     tokenizer_vocab: int = Field(4096, ge=260, le=65536)  # byte-level BPE size, model.source=tiny only
@@ -129,7 +131,10 @@ class Prior(Section):
 
 class Learn(Section):
     steps: int = Field(64, ge=1)
-    batch_size: int = Field(2, ge=1)
+    batch_size: int = Field(2, ge=1, description="sequences per step (the global batch)")
+    # sequences per forward, each micro-batch with a Gumbel sample of its own; the gradient accumulates
+    # over batch_size / (micro_batch_size x processes) micro-batches per process
+    micro_batch_size: int = Field(2, ge=1)
     seqlen: int = Field(512, ge=8)
     lr: float = Field(5e-4, gt=0)
     tau: float = Field(4.0, gt=0, description="temperature at step 0")
@@ -147,7 +152,9 @@ class Learn(Section):
     seed: int = 0
     checkpoint_every: int = Field(16, ge=1)
     # scale: processes (torchrun, launched by the stage itself), how they split the work, precision
-    nproc: int = Field(1, ge=1)
+    nproc: int = Field(1, ge=1)  # processes per node
+    nnodes: int = Field(1, ge=1)  # nodes; > 1 needs rdzv_endpoint, and the stage started on every node
+    rdzv_endpoint: Optional[str] = None  # host:port of the rendezvous (on the first node), nnodes > 1
     parallel: Literal["ddp", "fsdp"] = "ddp"
     dtype: Literal["float32", "bfloat16"] = "float32"  # frozen weights and activations; logits stay float32
     activation_checkpointing: bool = False
@@ -157,12 +164,20 @@ class Learn(Section):
 
     @model_validator(mode="after")
     def _parallel(self):
-        if self.batch_size % self.nproc:
-            raise ValueError(f"learn.nproc={self.nproc} must divide learn.batch_size={self.batch_size} "
-                             "(every process takes an equal share of the batch): change one of them")
-        if self.parallel == "fsdp" and self.nproc == 1:
-            raise ValueError("learn.parallel=fsdp shards the model over processes and needs learn.nproc > 1; "
+        world = self.nproc * self.nnodes
+        if self.batch_size % (self.micro_batch_size * world):
+            raise ValueError(
+                f"learn.batch_size={self.batch_size} must be a multiple of learn.micro_batch_size="
+                f"{self.micro_batch_size} x {world} process(es) (learn.nproc={self.nproc} x learn.nnodes={self.nnodes}): "
+                "every process takes the same number of micro-batches; change one of them")
+        if self.parallel == "fsdp" and world == 1:
+            raise ValueError("learn.parallel=fsdp shards the model over processes and needs learn.nproc x learn.nnodes > 1; "
                              "set learn.nproc (e.g. the number of GPUs) or learn.parallel=ddp")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"learn.nnodes={self.nnodes} needs learn.rdzv_endpoint (host:port on the first node, "
+                             "e.g. node001:29500), where every node's torchrun meets")
+        if self.rdzv_endpoint and not re.fullmatch(r"[\w.\-\[\]:]+:\d+", self.rdzv_endpoint):
+            raise ValueError(f"learn.rdzv_endpoint={self.rdzv_endpoint!r} is not host:port (e.g. node001:29500)")
         return self
 
     @model_validator(mode="after")
@@ -196,8 +211,8 @@ class Evaluate(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_windows: Optional[int] = Field(40, ge=1)  # per domain; None = the whole test split
     # test text of each domain (the training domain's test split must be among them)
-    domains: Annotated[list[Literal["wiki", "shakespeare", "pydocs", "wikitext2", "c4"]],
-                       AfterValidator(_unique_list)] = ["wiki", "shakespeare", "pydocs"]
+    domains: Annotated[list[Literal["wiki", "shakespeare", "numpy", "pydocs", "wikitext2", "c4"]],
+                       AfterValidator(_unique_list)] = ["wiki", "shakespeare", "numpy"]
     # --- zero-shot accuracy through lm-evaluation-harness (stages/zeroshot.py, tasks/) ---
     # lastword: LAMBADA-style last word on every domain's test articles (lastword_<domain>: one);
     # hub tasks (HUB_TASKS) need the hub or a local copy in zeroshot_data

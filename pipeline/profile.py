@@ -1,27 +1,38 @@
 """Named params overrides (profiles/NAME.yaml) for `dvc exp run` or for writing params.yaml.
 
-    dvc exp run $(python -m pipeline.profile micro)          # -S key=value ... flags
+    dvc exp run $(python -m pipeline.profile micro)          # -S key=value ... flags, one shell word each
     python -m pipeline.profile micro --write params.yaml     # apply in place
+    python -m pipeline.profile --list                        # the profiles and what each is for
+
+Every override is printed as one shell word (``$(...)`` splits on spaces and removes no quotes) in the
+syntax of DVC's ``-S`` (Hydra's): ``evaluate.domains=[wiki,shakespeare]``.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import re
 from pathlib import Path
 
 import yaml
 
-from pipeline.config import parse_params
+from pipeline.config import Params, parse_params
 
 PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+_BARE = re.compile(r"[A-Za-z_][\w./:@-]*")  # a string Hydra reads as itself without quotes
+_KEYWORDS = {"true", "false", "null", "none", "nan", "inf", "-inf"}
+
+
+class ProfileError(ValueError):
+    pass
 
 
 def load_profile(name: str) -> dict:
     path = PROFILES / f"{name}.yaml"
     if not path.is_file():
         names = sorted(p.stem for p in PROFILES.glob("*.yaml"))
-        raise SystemExit(f"error: profile {name!r} not found in {PROFILES} (have: {names})")
+        raise ProfileError(f"profile {name!r} not found in {PROFILES} (have: {names})")
     return yaml.safe_load(path.read_text()) or {}
 
 
@@ -34,21 +45,67 @@ def apply_overrides(raw: dict, overrides: dict) -> dict:
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    parse_params(out)
+    parse_params(out, f"params.yaml with {len(overrides)} override(s)")
     return out
+
+
+def profile_params(name: str, params_path: str | Path = "params.yaml") -> Params:
+    """params.yaml with the profile applied, validated."""
+    raw = yaml.safe_load(Path(params_path).read_text())
+    return parse_params(apply_overrides(raw, load_profile(name)), f"{params_path} with profile {name!r}")
+
+
+def override_value(value, key: str = "") -> str:
+    """A value in the syntax of DVC's -S (Hydra's grammar), with no space: one shell word."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(v, key) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{override_value(v, key)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if any(c.isspace() for c in text):
+        raise ProfileError(f"{key}={text!r}: a value with a space cannot be one shell word; change it in the profile")
+    return text if _BARE.fullmatch(text) and text.lower() not in _KEYWORDS else json.dumps(text)
+
+
+def command_words(overrides: dict) -> list[str]:
+    """``-S key=value`` pairs, every one a single shell word."""
+    return [w for k, v in overrides.items() for w in ("-S", f"{k}={override_value(v, k)}")]
+
+
+def describe() -> str:
+    """Each profile with the first line of its own comment."""
+    lines = []
+    for path in sorted(PROFILES.glob("*.yaml")):
+        first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        lines.append(f"{path.stem:12s} {first}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name")
+    ap.add_argument("name", nargs="?")
     ap.add_argument("--write", metavar="PARAMS_YAML", help="apply the profile to this params file in place")
+    ap.add_argument("--list", action="store_true", help="the profiles and what each is for")
     args = ap.parse_args(argv)
-    overrides = load_profile(args.name)
-    if args.write:
-        raw = yaml.safe_load(Path(args.write).read_text())
-        Path(args.write).write_text(yaml.safe_dump(apply_overrides(raw, overrides), sort_keys=False))
-    else:
-        print(" ".join(f"-S {k}={json.dumps(v)}" for k, v in overrides.items()))
+    if args.list or not args.name:
+        print(describe())
+        return
+    try:
+        overrides = load_profile(args.name)
+        if args.write:
+            raw = yaml.safe_load(Path(args.write).read_text())
+            Path(args.write).write_text(yaml.safe_dump(apply_overrides(raw, overrides), sort_keys=False))
+        else:
+            apply_overrides(yaml.safe_load(Path("params.yaml").read_text()), overrides)  # valid before printed
+            print(" ".join(command_words(overrides)))
+    except (ProfileError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

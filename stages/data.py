@@ -1,8 +1,7 @@
-"""DVC stage `data`: corpus -> article-level split -> tokenizer -> token arrays + stats."""
+"""DVC stage `data`: corpus -> article-level train / validation / test split -> tokenizer -> token arrays + stats."""
 from pathlib import Path
 
 from pipeline.data.corpora import load_corpus, split_corpus
-
 from pipeline.data.tokens import tokenize, write_split
 from pipeline.io import atomic_dir, write_json
 from pipeline.stage import run_stage
@@ -14,7 +13,7 @@ OUT = Path("artifacts/data")
 def main(params):
     d = params.data
     corpus = load_corpus(d.source, d.hf_path, d.pydocs_path)
-    splits = split_corpus(corpus, d.test_fraction, d.seed, d.max_articles)
+    splits = split_corpus(corpus, d.test_fraction, d.seed, d.max_articles, d.validation_fraction)
     tokenizer = build_tokenizer(params, splits["train"])
     stats = {"source": corpus.name, "licence": corpus.licence, "source_sha256": corpus.source_hash,
              "tokenizer": type(tokenizer).__name__, "vocab_size": len(tokenizer)}
@@ -25,8 +24,8 @@ def main(params):
             write_split(tmp, split, ids)
             stats[split] = {"articles": len(docs), "tokens": int(ids.size)}
         write_json(tmp / "stats.json", stats)
-    return (f"{corpus.name}: train {stats['train']['articles']} articles / {stats['train']['tokens']:,} tokens, "
-            f"test {stats['test']['articles']} articles / {stats['test']['tokens']:,} tokens")
+    return f"{corpus.name}: " + ", ".join(f"{s} {stats[s]['articles']} articles / {stats[s]['tokens']:,} tokens"
+                                          for s in ("train", "validation", "test"))
 
 
 if __name__ == "__main__":

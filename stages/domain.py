@@ -31,7 +31,7 @@ def main(params, domain):
                  "articles": data_stats["test"]["articles"]}
         # --- zero-shot tasks read the test articles as text: the data stage's very split ---
         test = split_corpus(load_corpus(domain, d.hf_path, d.pydocs_path), d.test_fraction, d.seed,
-                            d.max_articles)["test"]
+                            d.max_articles, d.validation_fraction)["test"]
         if not np.array_equal(tokenize(load_tokenizer(DATA / "tokenizer"), test), ids):
             raise DataError(f"{DATA / 'test.npy'} is not the test split of the current data params: "
                              "run `dvc repro data` first")

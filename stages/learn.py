@@ -1,12 +1,14 @@
 """DVC stage `learn`: MaskLLM mask logits on the frozen dense model.
 
-    python -m stages.learn          # learn.nproc > 1: relaunches itself under torchrun (DDP or FSDP)
+    python -m stages.learn    # learn.nproc x learn.nnodes > 1: this node's torchrun agent (DDP or FSDP)
+
+On several nodes every node runs this same command (docs/scaling.md has a SLURM script); under a
+launcher that sets the torch.distributed environment itself, each process runs as one rank.
 """
 import json
 import math
 import os
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -14,11 +16,14 @@ from safetensors.torch import save_file
 from pipeline.model.coverage import check_coverage, measure_coverage
 from pipeline.data.tokens import load_tokens
 from pipeline.io import atomic_dir, sha256_files, write_json
-from pipeline.maskllm.train import Checkpoint, Dist, fingerprint, learn_masks, write_curve
+from pipeline.maskllm.checkpoint import Checkpoint
+from pipeline.maskllm.distributed import Dist, die_with_parent, launch
+from pipeline.maskllm.train import fingerprint, learn_masks, write_curve
 from pipeline.maskllm.kernel import kernel_name
-from pipeline.model.masks_io import load_masks
-from pipeline.model.loading import default_device, load_model
-from pipeline.model.nm import candidates, find_prunable_layers
+from pipeline.maskllm.memory_plan import check_fits, learn_setup
+from pipeline.model.masks_io import LazyMasks
+from pipeline.model.loading import default_device, fill_parameters, load_model, load_skeleton
+from pipeline.model.nm import candidates, find_blocks, find_prunable_layers
 from pipeline.provenance import provenance
 from pipeline.stage import run_stage
 from pipeline.records.mlflow_export import learn_run
@@ -30,45 +35,30 @@ LEARN_PRIOR = Path("artifacts/learn_prior.json")  # the learn_prior stage: which
 CURVE = Path("plots/learn_curve.csv")
 
 
-def launch(cfg) -> str:
-    """learn.nproc > 1: run this stage as ``cfg.nproc`` torchrun processes, on this node."""
-    env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env:  # torchrun would pin every process to 1 thread
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.nproc))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
-           "-m", "stages.learn"]
-    code = subprocess.call(cmd, env=env)
-    if code:
-        raise SystemExit(code)  # the failing rank printed its error
-    return f"{cfg.nproc} processes ({cfg.parallel}) done"
-
-
-def die_with_parent() -> None:
-    """A rank that torchrun started: die with torchrun. Its workers run in sessions of their own,
-    so a job scheduler's kill, or a SIGKILL of `dvc repro`'s process group, would leave them running
-    the stage to its end behind the user's back (and behind the resumed run's)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # torchrun died before the prctl
-        os._exit(1)
-
-
 def main(params):
     cfg, sp = params.learn, params.sparsity
-    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+    if cfg.nproc * cfg.nnodes > 1 and "WORLD_SIZE" not in os.environ:
         return launch(cfg)
     if "TORCHELASTIC_RUN_ID" in os.environ:
         die_with_parent()
-    d = Dist.from_env()
+    d = Dist.from_env(cfg)
     device = d.device(default_device())
-    model = load_model(DENSE, cfg.dtype, "cpu")  # to the device block by block (FSDP) or whole (else)
+    if device.startswith("cuda"):  # before any weight is read: a run the memory plan says will not fit stops here
+        import torch
+
+        check_fits(DENSE / "config.json", learn_setup(params), torch.cuda.get_device_properties(device).total_memory)
+    fill = None
+    if cfg.parallel == "fsdp" and d.world > 1:  # the weights are read block by block as each is sharded
+        model = load_skeleton(DENSE, cfg.dtype)
+        fill = partial(fill_parameters, model, DENSE, outside=f"{find_blocks(model)[0]}.")
+    else:
+        model = load_model(DENSE, cfg.dtype, "cpu")  # to the device whole
     coverage = planned_coverage(model, sp)  # before any work: fails naming block weights left dense by accident
     prior = json.loads(LEARN_PRIOR.read_text())  # the learn_prior stage's choice and hash
+    wanted = None if cfg.prior == "none" or cfg.prior_strength == 0 else cfg.prior
+    if prior["prior"] != wanted:
+        raise PriorFileError(f"{LEARN_PRIOR} names prior {prior['prior']!r}, learn.prior is {cfg.prior!r}: "
+                             "run `dvc repro learn_prior` (or `dvc repro`) first")
     prior_file, priors = (Path(prior["file"]), None) if prior["prior"] else (None, None)
     if prior_file is not None:
         if sha256_files(prior_file) != prior["sha256"]:
@@ -76,12 +66,12 @@ def main(params):
         if prior["prior"] == "file":  # transfer: a learned mask (pipeline/maskllm/transfer.py)
             priors, _ = load_prior_file(prior_file, model, sp.n, sp.m, DENSE, ignore=sp.ignore)
         else:
-            priors = load_masks(prior_file)
+            priors = LazyMasks(prior_file)  # each layer's mask is read as its block gets its logits
     train = load_tokens(DATA / "train.npy")
     ckpt = Checkpoint(CKPT, fingerprint(cfg, sp, prior_file, extra=f"dense={sha256_files(DENSE / 'model.safetensors')}"))
 
     def run(log):
-        return learn_masks(model, priors, train, cfg, sp, ckpt, log=log, d=d, device=device)
+        return learn_masks(model, priors, train, cfg, sp, ckpt, log=log, d=d, device=device, fill=fill)
 
     if not d.main:
         result = run(None)
@@ -139,6 +129,9 @@ def write_outputs(result, cfg, sp, d, device, coverage) -> None:
         # the subnormal check of a whole run: late steps (tau near its end) as fast as early ones
         "step_seconds_first_10pct": sum(times[:tenth]) / tenth, "step_seconds_last_10pct": sum(times[-tenth:]) / tenth,
         "processes": d.world, "parallel": cfg.parallel if d.world > 1 else "single",
+        "accumulation": cfg.batch_size // (cfg.micro_batch_size * d.world),
+        # the largest peak resident memory of a process up to its first step (loading included)
+        "peak_host_bytes_first_step": result.peak_host_bytes,
         "mask_kernel": kernel_name(device, math.comb(sp.m, sp.n)), "coverage": coverage.as_dict(names=False),
         "provenance": provenance(device, cfg.dtype)})
 

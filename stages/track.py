@@ -24,15 +24,14 @@ def main(params):
     learn = json.loads(LEARN.read_text()) if LEARN.is_file() else {}
     entry = ledger.record(params, metrics.flat(files))
 
-    table = {}
+    table, validation = {}, {}  # {row: {domain: PPL}}: test (results), validation (sweeps)
     for f in files:
-        if f.kind == "ppl":
-            table.setdefault(f.row, {})[f.domain] = f.data["ppl"]
+        if f.kind in ("ppl", "validation"):
+            (table if f.kind == "ppl" else validation).setdefault(f.row, {})[f.domain] = f.data["ppl"]
     in_domain = {row: t[dataset] for row, t in table.items() if dataset in t}
     states = sweeps.states(params, dataset)
     spread = sweeps.seed_spread(params, dataset, states)
     seed_values = sweeps.describe_seeds(sweeps.seed_values(sweeps.seed_states(params, dataset, states)))
-    domains = [dataset] + [d for d in params.evaluate.domains if d != dataset]
 
     seeds = max((s["n"] for s in sweeps.row_spread(spread, table, dataset).values()), default=1)
     # ablations: MaskLLM across pipeline states that differ in one param; a sweep is one with
@@ -41,23 +40,23 @@ def main(params):
     curves = sweeps.sweep_curves(params, dataset, states)
     spreads = {param: [sweeps.point_spreads(params, dataset, states, {param: points}).get(param, {})
                        for _, points in cs] for param, cs in curves.items()}
-    panels = sweeps.sweep_panels(curves, spreads, table, domains, dataset, spread)
+    panels = sweeps.sweep_panels(curves, spreads, validation, [dataset], dataset, spread)
     transfers = {d: sweeps.transfer_bars(d, learned, table, dataset) for d, learned in sweeps.transfer_states(params).items()}
     with atomic_dir(PLOTS / "sweeps") as tmp:
         for param, cs in curves.items():
             name = param.replace(".", "_")
             current = sweeps.current_value(params, param)
             plots.sweep(param, panels[param], tmp / f"{name}.png", dpi, current=current)
-            tables = [sweeps.sweep_table(param, points, dataset, domains, current, spread, own_spread, around=c)
+            tables = [sweeps.sweep_table(param, points, dataset, [dataset], current, spread, own_spread, around=c)
                       for (c, points), own_spread in zip(cs, spreads[param])]
             if len(cs) > 1:  # one section per centre; the current one may hold the current point alone
                 tables = [f"## Around {'the current params' if c is None else f'`{sweeps.describe_centre(c)}` (the current params otherwise)'}"
                           f"\n\n{t}" for (c, _), t in zip(cs, tables)]
             (tmp / f"{name}.md").write_text(
-                f"# MaskLLM against `{param}` ({dataset} in domain)\n\n"
+                f"# MaskLLM against `{param}` ({dataset} validation split)\n\n"
                 "Each point differs from the current params (or, in a section of its own, from another centre)\n"
                 "in this param alone (the latest run of each);\n"
-                "gap closed: of the gap between the best one-shot row (named) and dense, in domain.\n\n"
+                "gap closed: of the gap between the best one-shot row (named) and dense, on validation.\n\n"
                 + "\n\n".join(tables) + "\n")
         for domain, (bars, dense) in transfers.items():
             plots.transfer(domain, bars, dense, tmp / f"transfer_{domain}.png", dpi)
@@ -68,7 +67,7 @@ def main(params):
             f"# MaskLLM in the logged pipeline states near the current params ({dataset})\n\n"
             "Every state MLflow holds that differs from the current params in at most two params,\n"
             "the latest run of each; `reproduce` is the one command that recreates it.\n\n"
-            + sweeps.neighbours_table(near, dataset, params.evaluate.domains) + "\n")
+            + sweeps.neighbours_table(near, dataset, [dataset]) + "\n")
         (tmp / "index.md").write_text(
             "# Ablation figures\n\n" + "".join(
                 f"- `{p}`: " + ", ".join(f"{len(points)} value{'s' if len(points) != 1 else ''} around "

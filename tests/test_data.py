@@ -27,12 +27,14 @@ def test_shakespeare_one_article_per_scene():
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(20, 3000), frac=st.floats(0.01, 0.4), seed=st.integers(0, 10**6))
 def test_split_is_disjoint_complete_and_deterministic(n, frac, seed):
-    train, test = split_articles(n, frac, seed)
-    assert set(train).isdisjoint(test)
-    assert len(train) + len(test) == n
-    assert len(test) == max(1, round(frac * n))
-    train2, test2 = split_articles(n, frac, seed)
-    assert np.array_equal(train, train2) and np.array_equal(test, test2)
+    train, validation, test = split_articles(n, frac, seed, validation_fraction=frac)
+    assert set(train).isdisjoint(test) and set(train).isdisjoint(validation) and set(validation).isdisjoint(test)
+    assert len(train) + len(validation) + len(test) == n
+    assert len(test) == len(validation) == max(1, round(frac * n))
+    again = split_articles(n, frac, seed, validation_fraction=frac)
+    assert all(np.array_equal(a, b) for a, b in zip((train, validation, test), again))
+    # the validation split takes articles from train only: the test split is the one without it
+    assert np.array_equal(split_articles(n, frac, seed)[2], test) and len(split_articles(n, frac, seed)[1]) == 0
 
 
 def test_wiki_split_has_no_test_article_in_train():
@@ -51,13 +53,16 @@ def test_hub_source_with_local_stand_in(tmp_path):
     # Same code path as the hub (datasets.load_dataset), pointed at local json files.
     import json
 
-    for split, n in (("train", 30), ("test", 5)):
+    for split, n in (("train", 30), ("validation", 4), ("test", 5)):
         rows = [{"text": f"{split} line {i}"} for i in range(n)]
         (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     corpus = load_corpus("wikitext2", str(tmp_path))
     assert len(corpus.presplit["train"]) == 30 and corpus.presplit["test"][0] == "test line 0"
-    splits = split_corpus(corpus, 0.02, 0)
+    splits = split_corpus(corpus, 0.02, 0, validation_fraction=0.02)
     assert splits == corpus.presplit  # hub corpora keep their own splits
+    (tmp_path / "validation.jsonl").unlink()
+    with pytest.raises(DataError, match="has no split 'validation'.*data.hf_path needs splits"):
+        load_corpus("wikitext2", str(tmp_path))
 
 
 def test_hub_source_offline_error_names_the_fix(tmp_path):
@@ -93,5 +98,5 @@ def test_pydocs_reads_rst_sources_one_article_per_file(tmp_path):
     corpus = load_pydocs(str(tmp_path))
     assert corpus.name == "pydocs" and len(corpus.articles) == 2
     assert corpus.articles[0].startswith(":mod:`os`")  # sorted by path: library/ before tutorial
-    with pytest.raises(DataError, match="python3.11-doc.*data.pydocs_path.*evaluate.domains"):
+    with pytest.raises(DataError, match="data.pydocs_path.*python3.11-doc.*evaluate.domains"):
         load_pydocs(str(tmp_path / "missing"))

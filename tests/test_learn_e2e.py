@@ -1,6 +1,8 @@
 """The learn stage for real, on the micro profile: resume after SIGKILL under `dvc repro`, and the
-parallel modes (gloo, 2 CPU processes launched by the stage itself): DDP and FSDP against one process,
-FSDP resumed after SIGKILL, and an FSDP checkpoint of 2 ranks resumed on 1."""
+parallel modes (gloo, CPU processes launched by the stage itself): DDP and FSDP against one process,
+gradient accumulation over micro-batches (2 ranks x 2 = 1 process x 4, resumed after SIGKILL), two
+nodes meeting at a localhost rendezvous, FSDP resumed after SIGKILL and on another number of ranks,
+and FSDP's host memory per rank."""
 import json
 import os
 import signal
@@ -18,6 +20,8 @@ LEARN = {"learn.steps": 30, "learn.checkpoint_every": 3, "learn.batch_size": 2}
 # steps of up to lr (measured: 2.6e-4 between DDP and one process), so these checks of the
 # reduction itself would measure AdamW's sign-steps instead
 PARALLEL = {"learn.steps": 8, "learn.checkpoint_every": 2, "learn.batch_size": 4, "learn.kappa": 100.0}
+# one sequence per micro-batch: one process accumulates 4 micro-batches per step, 2 ranks 2 each
+ACCUMULATE = {**PARALLEL, "learn.micro_batch_size": 1}
 
 
 def logits(repo):
@@ -37,6 +41,7 @@ def checkpoint_step(repo) -> int:
 
 def learn(repo, **params):
     set_params(repo, params)
+    run([str(BIN / "python"), "-m", "stages.learn_prior"], repo)  # which prior mask, as `dvc repro` would
     return run([str(BIN / "python"), "-m", "stages.learn"], repo, env=repo_env(OMP_NUM_THREADS="1"))
 
 
@@ -84,7 +89,7 @@ def test_ddp_and_fsdp_on_two_processes_match_one_process(micro_copy):
     learn(repo, **PARALLEL)
     single = logits(repo)
     res = learn(repo, **PARALLEL, **{"learn.nproc": 2, "learn.parallel": "ddp"})
-    assert "2 process(es), ddp" in res.stdout and "2 processes (ddp) done" in res.stdout
+    assert "2 process(es), ddp" in res.stdout and "2 process(es) x 1 node(s) (ddp) done" in res.stdout
     ddp = logits(repo)
     res = learn(repo, **PARALLEL, **{"learn.nproc": 2, "learn.parallel": "fsdp"})
     assert "2 process(es), fsdp" in res.stdout
@@ -118,3 +123,77 @@ def test_fsdp_resumes_after_sigkill_and_on_another_number_of_processes(micro_cop
     assert argmax_agreement(logits(repo), uninterrupted) > 0.999
     leftovers = list((repo / "artifacts" / "learn_ckpt").iterdir())
     assert leftovers == [], leftovers  # a finished run leaves no checkpoint (and no half-written one)
+
+
+def test_two_ranks_accumulating_two_micro_batches_match_one_process_accumulating_four(micro_copy):
+    """Every micro-batch has its own Gumbel sample, keyed by its index in the global batch, whoever
+    computes it: the same samples, the same mean gradient, only its float summation order differs."""
+    repo = micro_copy
+    learn(repo, **ACCUMULATE)
+    single = logits(repo)
+    assert json.loads((repo / "metrics" / "learn.json").read_text())["accumulation"] == 4
+    learn(repo, **ACCUMULATE, **{"learn.nproc": 2, "learn.parallel": "ddp"})
+    assert json.loads((repo / "metrics" / "learn.json").read_text())["accumulation"] == 2
+    two = logits(repo)
+    assert max_diff(two, single) < 1e-5 and argmax_agreement(two, single) > 0.999
+    learn(repo, **{**ACCUMULATE, "learn.micro_batch_size": 4})  # one sample for the whole batch: another run
+    assert max_diff(logits(repo), single) > 1e-4
+
+
+def test_a_sigkilled_run_that_accumulates_resumes_to_the_same_logits(micro_copy):
+    repo = micro_copy
+    learn(repo, **ACCUMULATE)
+    uninterrupted = logits(repo)
+    set_params(repo, ACCUMULATE)
+    killed_at = kill_after_checkpoint(repo, [str(BIN / "dvc"), "repro", "learn"], 2, 8)
+    res = run([str(BIN / "dvc"), "repro", "learn"], repo, env=repo_env(OMP_NUM_THREADS="1"))
+    assert f"resumed at {killed_at}" in res.stdout, res.stdout[-2000:]
+    resumed = logits(repo)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_meeting_at_a_rendezvous_match_one_process(micro_copy):
+    """Two torchrun agents on localhost, each one node of one process (learn.nnodes=2, the command a
+    SLURM script runs on every node), against one process."""
+    repo = micro_copy
+    learn(repo, **PARALLEL)
+    single = logits(repo)
+    set_params(repo, {**PARALLEL, "learn.nnodes": 2, "learn.rdzv_endpoint": f"127.0.0.1:{free_port()}"})
+    agents = [subprocess.Popen([str(BIN / "python"), "-m", "stages.learn"], cwd=repo, env=repo_env(OMP_NUM_THREADS="1"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [a.communicate(timeout=600)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outputs
+    assert sum("2 process(es), ddp" in out for out in outputs) == 1  # rank 0 summarises and writes
+    metrics = json.loads((repo / "metrics" / "learn.json").read_text())
+    assert metrics["processes"] == 2
+    assert max_diff(logits(repo), single) < 1e-5 and argmax_agreement(logits(repo), single) > 0.999
+
+
+def test_fsdp_ranks_hold_their_shards_of_the_model_not_the_whole(micro_copy):
+    """FSDP reads the frozen weights block by block onto a model on the meta device and shards each:
+    a rank's peak host memory up to its first step, loading included, is well under one process's
+    (on a dense model of ~57M parameters, large enough that weights, logits and AdamW's state dominate
+    the interpreter and its libraries)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    repo = micro_copy
+    vocab = json.loads((repo / "artifacts" / "dense" / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    big = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                                       num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=True))
+    big.save_pretrained(repo / "artifacts" / "dense", safe_serialization=True)
+    one = {"learn.steps": 1, "learn.batch_size": 2, "learn.micro_batch_size": 1, "learn.seqlen": 32,
+           "learn.prior": "none"}
+    learn(repo, **one)
+    single = json.loads((repo / "metrics" / "learn.json").read_text())["peak_host_bytes_first_step"]
+    learn(repo, **one, **{"learn.nproc": 2, "learn.parallel": "fsdp"})
+    sharded = json.loads((repo / "metrics" / "learn.json").read_text())["peak_host_bytes_first_step"]
+    assert sharded <= 0.75 * single, (sharded / 2**20, single / 2**20)

@@ -81,14 +81,20 @@ def test_experiments_recording_side_by_side_lose_nothing(book):
 def test_an_older_state_lacking_a_key_counts_with_its_implied_value(book):
     log_state(book, params(), {"maskllm": 40.0}, "current")
     log_state(book, params(learn_seed=1), {"maskllm": 42.0}, "seed1")
-    raw = json.loads((book / "states.json").read_text())
-    for key in ledger.IMPLIED:  # the seed-1 state was recorded before these keys existed
-        raw["states"][1]["params"].pop(key)
-    (book / "states.json").write_text(json.dumps(raw))
-    assert sweeps.seed_spread(params(), "wiki")["ppl.maskllm.wiki"]["n"] == 2
-    raw["states"][1]["params"]["learn.recompute_masked_weights"] = "unheard-of"  # a value, not implied
-    (book / "states.json").write_text(json.dumps(raw))
-    assert sweeps.seed_spread(params(), "wiki")["ppl.maskllm.wiki"]["n"] == 1
+    current = ledger.flat_params(params())
+    same = [k for k, v in ledger.IMPLIED.items() if current[k] == v]
+    assert "learn.recompute_masked_weights" in same and "data.validation_fraction" not in same
+
+    def older(*keys):  # the seed-1 state as recorded before these keys existed
+        raw = json.loads((book / "states.json").read_text())
+        for key in keys:
+            raw["states"][1]["params"].pop(key, None)
+        (book / "states.json").write_text(json.dumps(raw))
+        return sweeps.seed_spread(params(), "wiki")["ppl.maskllm.wiki"]["n"]
+
+    assert older(*same) == 2  # it ran with the values the current params have
+    # before the validation split its train split held the validation articles: another state
+    assert older("data.validation_fraction") == 1
 
 
 @pytest.mark.parametrize("text, says", [

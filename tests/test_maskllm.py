@@ -389,9 +389,10 @@ def test_learn_recompute_masked_weights_reaches_the_masks_and_not_the_fingerprin
     """learn.recompute_masked_weights switches RecomputedWeights; it changes no bit of the run (tested
     above), so a checkpoint of the run resumes across it."""
     from pipeline.config import Learn, Sparsity
-    from pipeline.maskllm.train import Dist, fingerprint, prepare
+    from pipeline.maskllm.distributed import Dist, prepare
+    from pipeline.maskllm.train import fingerprint
 
     cfg = Learn(recompute_masked_weights=recompute)
-    _, masks = prepare(tiny_llama(), None, cfg, Sparsity(), Dist(), "cpu")
+    masks = prepare(tiny_llama(), None, cfg, Sparsity(), Dist(), "cpu").masks
     assert masks.recompute_weights is recompute
     assert fingerprint(cfg, Sparsity(), None) == fingerprint(Learn(), Sparsity(), None)

@@ -41,8 +41,8 @@ def test_mask_state_is_24_bytes_per_weight_at_2_4_and_140_at_4_8():
 
 def test_fsdp_shards_the_mask_state_and_ddp_adds_its_buckets():
     single = mp.plan_learn(SMOL, mp.LearnSetup(device="cpu"))
-    fsdp = mp.plan_learn(SMOL, mp.LearnSetup(world=2, parallel="fsdp", device="cpu"))
-    ddp = mp.plan_learn(SMOL, mp.LearnSetup(world=2, parallel="ddp", device="cpu"))
+    fsdp = mp.plan_learn(SMOL, mp.LearnSetup(world=2, parallel="fsdp", device="cpu", micro_batch=1))
+    ddp = mp.plan_learn(SMOL, mp.LearnSetup(world=2, parallel="ddp", device="cpu", micro_batch=1))
     targets = len(mp.shapes_of(mp.meta_model(SMOL), 4).targets)
     # half, plus at most one padded row of [G, C] per tensor and target
     assert single.mask_state_bytes / 2 <= fsdp.mask_state_bytes <= single.mask_state_bytes / 2 + 4 * targets * 6 * 4
@@ -56,7 +56,7 @@ def test_bfloat16_halves_the_frozen_weights_and_activation_checkpointing_lowers_
     f32 = mp.plan_learn(SMOL, mp.LearnSetup(device="cpu"))
     bf16 = mp.plan_learn(SMOL, mp.LearnSetup(device="cpu", dtype="bfloat16"))
     assert f32.terms["frozen weights"] == 2 * bf16.terms["frozen weights"] == 4 * f32.params
-    big = dict(device="cpu", batch=16, seqlen=1024)
+    big = dict(device="cpu", batch=16, micro_batch=16, seqlen=1024)
     assert (mp.plan_learn(SMOL, mp.LearnSetup(activation_checkpointing=True, **big)).device_peak_bytes
             < mp.plan_learn(SMOL, mp.LearnSetup(**big)).device_peak_bytes / 2)
 
@@ -198,8 +198,8 @@ def test_loss_cost_holds_the_logits_and_their_log_probabilities():
 # ------------------------------------------------------------------ the command line and bad input
 
 def test_bad_input_is_named_before_any_work():
-    with pytest.raises(mp.PlanError, match="batch=3 must be divisible by world=2"):
-        mp.plan_learn(SMOL, mp.LearnSetup(batch=3, world=2))
+    with pytest.raises(mp.PlanError, match="batch=3 must be a multiple of micro_batch=1 x world=2"):
+        mp.plan_learn(SMOL, mp.LearnSetup(batch=3, micro_batch=1, world=2))
     with pytest.raises(mp.PlanError, match="no such config.*llama-2-7b"):
         mp.load_config("pipeline/maskllm/model_configs/llama-9-1b.json")
     res = subprocess.run([sys.executable, "-m", "pipeline.maskllm.memory_plan", SMOL, "--nm", "2-4"],
@@ -212,3 +212,41 @@ def test_command_line_prints_the_peak_and_its_terms():
                           "--json"], cwd=ROOT, capture_output=True, text=True, check=True)
     plan = json.loads(res.stdout)
     assert plan["device_peak_bytes"] == sum(plan["terms"].values()) and plan["model"] == "smollm2-135m"
+
+
+# ------------------------------------------------------------------ params, profiles, host memory per node
+
+def test_a_profile_is_planned_from_params_and_the_fit_is_said():
+    res = subprocess.run([sys.executable, "-m", "pipeline.maskllm.memory_plan", "--profile", "gpu-1b", "--json"],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    plan = json.loads(res.stdout)
+    setup = plan["setup"]
+    # what profiles/gpu-1b.yaml sets on top of params.yaml
+    assert (setup["world"], setup["micro_batch"], setup["batch"], setup["seqlen"], setup["dtype"]) == (
+        1, 4, 256, 4096, "bfloat16") and setup["activation_checkpointing"] and plan["model"] == "llama-3.2-1b"
+    assert plan["device_peak_bytes"] < 0.92 * 80e9  # the profile's promise: one 80 GB GPU
+    text = subprocess.run([sys.executable, "-m", "pipeline.maskllm.memory_plan", "--profile", "gpu-1b"], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout
+    assert "fits a 80 GB GPU" in text and "64 micro-batch(es) of 4 per rank and step" in text
+
+
+def test_a_run_that_does_not_fit_stops_with_the_plans_figures():
+    setup = mp.LearnSetup(batch=8, micro_batch=8, seqlen=4096, dtype="bfloat16")
+    with pytest.raises(mp.PlanError, match=r"will not fit.*GiB.*learn.micro_batch_size.*memory_plan --params"):
+        mp.check_fits(str(CONFIGS / "llama-3.2-1b.json"), setup, 24e9)
+    assert mp.check_fits(SMOL, mp.LearnSetup(), 80e9).device_peak_bytes < 0.92 * 80e9
+
+
+def test_fsdp_ranks_read_their_shards_so_host_memory_per_node_stays_near_one_model():
+    """Each FSDP rank holds its shards of the frozen weights plus one block as read (its weights and its
+    logits before they are sharded): 8 ranks of a node hold about two models' worth, not eight (DDP's
+    ranks each load it whole)."""
+    seven_b = str(CONFIGS / "llama-2-7b.json")
+    fsdp = mp.plan_learn(seven_b, mp.LearnSetup(world=8, parallel="fsdp", batch=8, micro_batch=1, seqlen=4096,
+                                                dtype="bfloat16", activation_checkpointing=True))
+    ddp = mp.plan_learn(seven_b, mp.LearnSetup(world=8, parallel="ddp", batch=8, micro_batch=1, seqlen=4096,
+                                               dtype="bfloat16", activation_checkpointing=True))
+    model = fsdp.params * 2  # bfloat16
+    assert ddp.host_per_node_bytes >= 8 * model
+    assert fsdp.host_per_node_bytes == 8 * fsdp.host_peak_bytes < 2.5 * model
+    assert fsdp.host_terms["frozen weight shards"] <= model / 8 * 1.01

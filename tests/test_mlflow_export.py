@@ -53,14 +53,14 @@ def test_sync_is_idempotent_and_replaces_changed_results(store):
     res = [result(store, "dense", "wiki", 14.0), result(store, "sparsegpt", "wiki", 50.0),
            result(store, "sparsegpt", "shakespeare", 80.0)]
     first = sync(p, res)
-    assert sorted(first.created) == ["dense@wiki", "sparsegpt@shakespeare", "sparsegpt@wiki"]
+    assert sorted(first.created) == ["dense@wiki@test", "sparsegpt@shakespeare@test", "sparsegpt@wiki@test"]
     again = sync(p, res)  # everything cached: nothing new
     assert again.created == [] and again.replaced == [] and again.kept == 3
     assert len(runs("pipeline")) == 1 and len(runs("result")) == 3
 
     res[1] = result(store, "sparsegpt", "wiki", 49.0)  # the same state, a recomputed result
     third = sync(p, res)
-    assert third.replaced == ["sparsegpt@wiki"]
+    assert third.replaced == ["sparsegpt@wiki@test"]
     df = runs("result")
     assert len(df) == 3 and sorted(df["metrics.ppl"]) == [14.0, 49.0, 80.0]
     assert set(df["tags.mlflow.parentRunId"]) == {first.parent}
@@ -141,7 +141,7 @@ def test_zeroshot_results_get_a_child_per_task_and_only_a_changed_task_is_replac
     res = [zeroshot_file(store, "maskllm", {"lastword_wiki": 0.4, "lastword_pydocs": 0.3}),
            result(store, "maskllm", "wiki", 40.0)]
     first = sync(p, res)
-    assert sorted(first.created) == ["maskllm@lastword_pydocs", "maskllm@lastword_wiki", "maskllm@wiki"]
+    assert sorted(first.created) == ["maskllm@lastword_pydocs", "maskllm@lastword_wiki", "maskllm@wiki@test"]
     assert sync(p, res).kept == 3
     zs = runs("zeroshot")
     assert sorted(zip(zs["tags.task"], zs["metrics.acc"], zs["metrics.acc_stderr"])) == [

@@ -33,8 +33,10 @@ _clock = iter(range(1_000, 10**9, 1_000))  # record times in order: "the latest 
 
 
 def log_state(store, p, ppl: dict[str, float], name: str):
-    """What the track stage records for a state whose in-domain (wiki) PPLs are ``ppl``."""
-    return ledger.record(p, {f"ppl.{row}.wiki": value for row, value in ppl.items()}, now=next(_clock))
+    """What the track stage records for a state whose in-domain (wiki) PPLs are ``ppl``, on test and
+    (the same values, for brevity) on validation."""
+    metrics = {f"{kind}.{row}.wiki": value for row, value in ppl.items() for kind in ("ppl", sweeps.CHOICE)}
+    return ledger.record(p, metrics, now=next(_clock))
 
 
 def test_seed_states_are_the_current_params_under_other_seeds(store, monkeypatch):
@@ -109,7 +111,7 @@ def test_sweep_table_orders_the_points_and_gives_gap_and_command(store, monkeypa
     spread = sweeps.seed_spread(current, "wiki")
     table = sweeps.sweep_table("learn.prior_strength", runs["learn.prior_strength"], "wiki", ["wiki", "pydocs"], 3.0,
                                spread).splitlines()
-    assert table[0] == ("| `learn.prior_strength` | MaskLLM wiki (in domain) | gap closed (wiki) | MaskLLM pydocs "
+    assert table[0] == ("| `learn.prior_strength` | MaskLLM wiki validation PPL | gap closed (wiki validation) | MaskLLM pydocs "
                         "| reproduce |")
     # in order of the value; gap against the best one-shot row, Wanda: (45 - 38) / (45 - 15)
     assert table[2:] == [
@@ -253,22 +255,22 @@ def test_after_the_default_moved_twice_each_former_default_is_a_centre(store, mo
 
 def test_sweep_panels_put_every_curve_and_the_best_one_shot_reference_of_each_domain():
     def run(**ppl):
-        return {"params": {}, "metrics": {f"ppl.maskllm.{d}": v for d, v in ppl.items()}, "tags": {}}
+        return {"params": {}, "metrics": {f"validation_ppl.maskllm.{d}": v for d, v in ppl.items()}, "tags": {}}
 
     curves = {"learn.tau": [(None, {"4.0": ({}, run(wiki=30.0, shakespeare=200.0)), "2.0": ({}, run(wiki=29.0))}),
                             ({"learn.kappa": "100.0"}, {"4.0": ({}, run(wiki=40.0, shakespeare=210.0))})]}
     seeds = {"min": 29.5, "max": 31.0, "n": 2}
-    spreads = {"learn.tau": [{4.0: {"ppl.maskllm.wiki": seeds}}, {}]}
+    spreads = {"learn.tau": [{4.0: {"validation_ppl.maskllm.wiki": seeds}}, {}]}
     table = {"dense": {"wiki": 15.0, "shakespeare": 50.0}, "wanda": {"wiki": 60.0, "shakespeare": 150.0},
              "sparsegpt": {"wiki": 50.0, "shakespeare": 160.0}, "maskllm": {"wiki": 30.0, "shakespeare": 200.0}}
-    spread = {"ppl.sparsegpt.wiki": {"min": 49.0, "max": 51.0, "n": 3}}
+    spread = {"validation_ppl.sparsegpt.wiki": {"min": 49.0, "max": 51.0, "n": 3}}
     panels = sweeps.sweep_panels(curves, spreads, table, ["wiki", "shakespeare", "pydocs"], "wiki", spread)
     # wiki: SparseGPT is the best one-shot row (named once); shakespeare: Wanda is;
     # pydocs: no point on any curve, no panel
     assert panels == {"learn.tau": [
         {"domain": "wiki", "in_domain": True, "points": [(4.0, 30.0), (2.0, 29.0)], "point_spread": {4.0: seeds},
          "others": [{"label": "kappa=100.0", "points": [(4.0, 40.0)], "point_spread": {}}],
-         "references": {"dense": 15.0, "sparsegpt": 50.0}, "spread": {"sparsegpt": spread["ppl.sparsegpt.wiki"]}},
+         "references": {"dense": 15.0, "sparsegpt": 50.0}, "spread": {"sparsegpt": spread["validation_ppl.sparsegpt.wiki"]}},
         {"domain": "shakespeare", "in_domain": False, "points": [(4.0, 200.0)], "point_spread": {},
          "others": [{"label": "kappa=100.0", "points": [(4.0, 210.0)], "point_spread": {}}],
          "references": {"dense": 50.0, "wanda": 150.0, "sparsegpt": 160.0}, "spread": {}}]}

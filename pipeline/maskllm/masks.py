@@ -24,8 +24,9 @@ Implementation notes:
 - The per-weight work (noise, softmax over the C(M, N) candidates, the candidate mix, ``W * mask``,
   the squared norm, and their backward) is one fused function, ``pipeline.maskllm.kernel.masked_weight``:
   a C++ pass per layer on CPU, torch ops elsewhere. Its Gumbel noise is counter-based (a hash of
-  seed, step, layer and position), so nothing is kept for backward, every data-parallel or FSDP rank
-  draws the same sample, and a resumed run draws what an uninterrupted one would.
+  seed, step, micro-batch, layer and position), so nothing is kept for backward, a micro-batch gets
+  the same sample whichever rank computes it (N ranks x A accumulation steps draw what one process
+  draws over N * A micro-batches), and a resumed run draws what an uninterrupted one would.
 - The mask is a torch parametrization of the frozen weight (``nn.Linear``, GPT-2 ``Conv1D`` or fused
   3-D expert weights alike); the logits ``[G, C]`` are one contiguous float32 parameter per layer
   (FSDP shards them along the groups).
@@ -132,8 +133,9 @@ class MaskState:
     temperature: float = 4.0
     logit_scale: float = 1e2
     hard: bool = False  # argmax candidates, no sampling (evaluation)
-    seed: int = 0  # the noise of a layer at a step is a function of (seed, step, layer)
+    seed: int = 0  # the noise of a layer is a function of (seed, step, micro-batch, layer)
     step: int = 0
+    micro: int = 0  # the global index of the micro-batch being computed in this step
     track_confidence: bool = False  # record mean max_i y_gi of each sample
     recomputed: "RecomputedWeights | None" = None  # set during a training forward that recomputes W * mask
 
@@ -217,7 +219,7 @@ class LearnableMask(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.state.hard:
             return torch.where(self.hard_mask(weight.shape), weight, torch.zeros((), dtype=weight.dtype))
-        key = noise_key(self.state.seed, self.state.step, self.index)
+        key = noise_key(self.state.seed, self.state.step, self.index, self.state.micro)
         args = (weight, self.logits, self.candidates, key, self.state.temperature, self.state.logit_scale, self.view)
         recomputed = self.state.recomputed if torch.is_grad_enabled() else None
         recipe = Recipe(*args) if recomputed is not None else None
@@ -248,12 +250,12 @@ class MaskSet:
     """The learnable masks of one model, keyed by parameter name (``model.layers.0.mlp.up_proj.weight``)."""
 
     def __init__(self, n: int, m: int, layers: dict, state: MaskState,
-                 prior_choice: dict[str, torch.Tensor] | None):
+                 prior_choice: dict[str, tuple[torch.Tensor, int]] | None):
         self.n, self.m, self.state = n, m, state
         self.layers = layers  # param_name -> (PrunableLayer, LearnableMask)
         self._hooks: list = []
         # param_name -> (the prior's candidate index of the groups this process holds, first group)
-        self._prior_choice = None if prior_choice is None else {k: (c, 0) for k, c in prior_choice.items()}
+        self._prior_choice = prior_choice
         self.last_regularizer = float("nan")
         # recompute W * mask in backward instead of keeping it (RecomputedWeights); learn turns it off
         # under FSDP, whose unsharded weights are freed between a block's forward and its backward
@@ -376,10 +378,9 @@ def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
     if not isinstance(t, DTensor):
         return t, 0
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return t.to_local(), int(offset[0])
+    # FSDP2 shards dim 0 as torch.chunk does: ceil(G / world) rows per rank, the last ones shorter
+    mesh = t.device_mesh
+    return t.to_local(), mesh.get_local_rank() * -(-t.shape[0] // mesh.size())
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -421,14 +422,16 @@ def _original(layer) -> torch.Tensor:
 
 def attach_masks(model: nn.Module, n: int, m: int, *, priors: dict[str, torch.Tensor] | None = None,
                  prior_strength: float = 3.0, seed: int = 0, state: MaskState | None = None,
-                 ignore: tuple[str, ...] | list[str] = (), on_block: Callable[[int], None] | None = None) -> MaskSet:
+                 ignore: tuple[str, ...] | list[str] = (), on_block: Callable[[int], None] | None = None,
+                 before_block: Callable[[int], None] | None = None) -> MaskSet:
     """Freeze ``model`` and give every prunable weight learnable N:M mask logits.
 
     priors: optional {param_name: bool mask shaped like the stored parameter} (as masks_io
     reads them), e.g. SparseGPT's, or a learned mask for transfer. ``ignore``: regexes of parameter
-    names left dense (``sparsity.ignore``). ``on_block(b)`` runs once the
-    layers of block b have their masks (FSDP shards the block there, so the whole model's logits
-    never exist unsharded in one process).
+    names left dense (``sparsity.ignore``). ``before_block(b)`` runs before the layers of block b get
+    their masks (a model built on the meta device reads the block's weights there), ``on_block(b)``
+    once they have them (FSDP shards the block there, so the whole model's logits never exist
+    unsharded in one process).
     """
     candidates = make_candidates(n, m)
     state = state or MaskState(seed=seed)
@@ -437,6 +440,8 @@ def attach_masks(model: nn.Module, n: int, m: int, *, priors: dict[str, torch.Te
     layers, prior_choice = {}, ({} if priors is not None else None)
     prunable = find_prunable_layers(model, m, ignore=ignore)
     for index, layer in enumerate(prunable):
+        if before_block is not None and (index == 0 or prunable[index - 1].block != layer.block):
+            before_block(layer.block)
         stored = getattr(layer.module, _attr(layer))
         cands = candidates.to(stored.device)
         logits = init_logits(stored.numel() // m, candidates.shape[0], generator).to(stored.device)
@@ -450,13 +455,18 @@ def attach_masks(model: nn.Module, n: int, m: int, *, priors: dict[str, torch.Te
             prior = as_3d(prior, _view(layer))
             check_nm(prior, n, m, f"prior {layer.param_name}")
             logits = apply_prior(logits, prior, cands, prior_strength)
-            prior_choice[layer.param_name] = prior_overlap(prior, cands).argmax(-1).to(_choice_dtype(len(cands)))
+            prior_choice[layer.param_name] = (prior_overlap(prior, cands).argmax(-1).to(_choice_dtype(len(cands))), 0)
         mask = LearnableMask(logits, cands, state, _view(layer), index)
         # unsafe: the output keeps W's shape and dtype by construction; skips a sample per layer
         parametrize.register_parametrization(layer.module, _attr(layer), mask, unsafe=True)
         layers[layer.param_name] = (layer, mask)
         if on_block is not None and (index + 1 == len(prunable) or prunable[index + 1].block != layer.block):
             on_block(layer.block)
+            if prior_choice is not None:  # sharded now: keep this process's rows of the block's prior choices
+                for name, (held, mask) in layers.items():
+                    if held.block == layer.block and name in prior_choice:
+                        rows, start = local_rows(mask.logits.detach())
+                        prior_choice[name] = (prior_choice[name][0][start:start + len(rows)], start)
     masks = MaskSet(n, m, layers, state, prior_choice)
     _, blocks = find_blocks(model)
     masks._hooks = [hook for b in sorted({layer.block for layer in prunable}) for hook in _cache_in(blocks[b])]
@@ -498,25 +508,38 @@ def make_optimizer(masks: MaskSet, lr: float, steps: int, weight_decay: float = 
     return optimizer, lr_schedule
 
 
-def train_step(model: nn.Module, masks: MaskSet, input_ids: torch.Tensor, optimizer: torch.optim.Optimizer,
-               lr_schedule, schedule: Schedule, t: int, grad_clip: float = 1.0) -> dict[str, float]:
-    """One MaskLLM step on ``input_ids`` [B, T]: sample, CE - lambda*||W*M||^2, backward, clip, AdamW."""
+def train_step(model: nn.Module, masks: MaskSet, micro_batches, optimizer: torch.optim.Optimizer,
+               lr_schedule, schedule: Schedule, t: int, grad_clip: float = 1.0, no_sync=None) -> dict[str, float]:
+    """One MaskLLM step: per micro-batch a fresh sample, CE - lambda*||W*M||^2, backward; then clip, AdamW.
+
+    ``micro_batches``: this process's ``[(global micro-batch index, input_ids [b, T]), ...]``, or one
+    ``input_ids`` tensor (micro-batch 0). The gradient is the mean over the micro-batches (and, through
+    DDP's or FSDP's averaging, over the processes): each loss is divided by their number here.
+    ``no_sync()``: a context that skips the gradient sync of all but the last micro-batch.
+    """
+    if isinstance(micro_batches, torch.Tensor):
+        micro_batches = [(0, micro_batches)]
     reg_weight = masks.set_step(schedule, t)
     optimizer.zero_grad(set_to_none=True)  # before the forward: old grads and activations never coexist
-    recomputed = RecomputedWeights() if masks.recompute_weights else None
-    with recomputed.active(masks.state) if recomputed else contextlib.nullcontext():
-        ce = model(input_ids=input_ids, labels=input_ids).loss  # each block caches its masks while it runs
-    reg = masks.regularizer(reg_weight)
-    loss = ce + reg
-    try:
-        loss.backward()
-    finally:
-        if recomputed:
-            recomputed.clear()
+    ce_sum = reg_sum = 0.0
+    for i, (index, input_ids) in enumerate(micro_batches):
+        masks.state.micro = index
+        last = i + 1 == len(micro_batches)
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            recomputed = RecomputedWeights() if masks.recompute_weights else None
+            with recomputed.active(masks.state) if recomputed else contextlib.nullcontext():
+                ce = model(input_ids=input_ids, labels=input_ids).loss  # each block caches its masks while it runs
+            reg = masks.regularizer(reg_weight)
+            try:
+                ((ce + reg) / len(micro_batches)).backward()
+            finally:
+                if recomputed:
+                    recomputed.clear()
+        ce_sum, reg_sum = ce_sum + float(ce.detach()), reg_sum + float(reg.detach())
     grad_norm = torch.nn.utils.clip_grad_norm_(masks.parameters(), grad_clip)
     optimizer.step()
     lr_schedule.step()
-    return {"loss": float(loss.detach()), "ce": float(ce.detach()), "regularizer": float(reg.detach()),
-            "grad_norm": float(grad_norm),
+    ce, reg = ce_sum / len(micro_batches), reg_sum / len(micro_batches)
+    return {"loss": ce + reg, "ce": ce, "regularizer": reg, "grad_norm": float(grad_norm),
             "temperature": masks.state.temperature, "logit_scale": masks.state.logit_scale,
             "reg_weight": reg_weight, "lr": optimizer.param_groups[0]["lr"]}

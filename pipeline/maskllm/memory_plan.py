@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_leaves
 
 from pipeline.maskllm.kernel import masked_weight
 from pipeline.model.nm import candidates as make_candidates, find_blocks, find_prunable_layers
+from pipeline.oneshot import registry
 
 CONFIGS = Path(__file__).resolve().parent / "model_configs"  # shipped configs, by name
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -60,14 +61,14 @@ def load_config(path: str | Path):
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        named = CONFIGS / f"{path.stem}.json"
+        named = CONFIGS / (path.name if path.name.endswith(".json") else f"{path.name}.json")
         if named.is_file():
             path = named
         else:
             known = ", ".join(p.stem for p in sorted(CONFIGS.glob("*.json")))
             raise PlanError(f"{path}: no such config; pass a config.json or a model folder, or one of: {known}")
     config = load_config_dict(json.loads(path.read_text()), str(path))
-    config.name_or_path = path.parent.name if path.name == "config.json" else path.stem
+    config.name_or_path = path.parent.name if path.name == "config.json" else path.name.removesuffix(".json")
     return config
 
 
@@ -404,12 +405,14 @@ class LearnSetup:
 
     n: int = 2
     m: int = 4
-    world: int = 1  # learn.nproc: processes, one per GPU
+    world: int = 1  # learn.nproc x learn.nnodes: processes, one per GPU
     parallel: str = "ddp"  # ddp | fsdp
     dtype: str = "float32"  # frozen weights and activations
     activation_checkpointing: bool = False
-    batch: int = 2  # global: split over the ranks
+    batch: int = 2  # learn.batch_size: global, in micro-batches over the ranks
     seqlen: int = 512
+    micro_batch: int = 2  # learn.micro_batch_size: sequences per forward (the activations scale with it)
+    nodes: int = 1  # learn.nnodes: host memory per node = per rank x world / nodes
     device: str = "cuda"  # cuda: one GPU per rank, the host apart; cpu: one memory
     prior_masks: bool = True  # the stage holds the prior's bool masks while it learns
     attention: str = "flash"  # what SDPA keeps: flash (flash / memory-efficient kernels) | math
@@ -431,9 +434,12 @@ class LearnSetup:
             raise PlanError(f"kernel={self.kernel!r}: choose torch or cpp")
         if self.attention not in ("flash", "math"):
             raise PlanError(f"attention={self.attention!r}: choose flash or math")
-        if self.world < 1 or self.batch % self.world:
-            raise PlanError(f"batch={self.batch} must be divisible by world={self.world} (learn.nproc): "
-                            "every rank takes an equal share")
+        if self.world < 1 or self.micro_batch < 1 or self.batch % (self.micro_batch * self.world):
+            raise PlanError(f"batch={self.batch} must be a multiple of micro_batch={self.micro_batch} x world="
+                            f"{self.world} (learn.batch_size, learn.micro_batch_size, learn.nproc x learn.nnodes): "
+                            "every rank takes the same number of micro-batches")
+        if self.nodes < 1 or self.world % self.nodes:
+            raise PlanError(f"world={self.world} processes do not divide over nodes={self.nodes}")
         if not 1 <= self.n < self.m:
             raise PlanError(f"N:M = {self.n}:{self.m}: need 1 <= N < M (N = weights kept)")
 
@@ -451,6 +457,7 @@ class Plan:
     device_peak_bytes: int
     host_peak_bytes: int  # CPU memory of one process, without the interpreter (cpu runs: the device peak included)
     host_terms: dict[str, int]
+    host_per_node_bytes: int = 0  # every rank of a node: host_peak_bytes x ranks per node
     mask_state_bytes: int = 0  # logits + gradients + AdamW state held by this rank between steps
     params: int = 0
     prunable: int = 0
@@ -475,7 +482,7 @@ def plan_learn(config_path: str | Path, s: LearnSetup) -> Plan:
     fsdp = s.parallel == "fsdp" and s.world > 1
     ddp = s.parallel == "ddp" and s.world > 1
     W = s.world if fsdp else 1
-    seqs = s.batch // s.world  # sequences per rank
+    seqs = s.micro_batch  # sequences per forward: the accumulation steps run one after the other
     tokens = seqs * s.seqlen
 
     def logits(t: Target, sharded: bool = True) -> int:  # float32 [G, C], split over the groups by FSDP
@@ -566,11 +573,19 @@ def plan_learn(config_path: str | Path, s: LearnSetup) -> Plan:
 
     totals = {name: sum(terms.values()) for name, terms in moments.items()}
     peak_moment = max(totals, key=totals.get)
-    host = {"model as loaded": sh.params * bw}
-    if s.prior_masks:  # bool masks (1 byte per weight) and each group's prior candidate (int16), kept all along
-        host["prior masks"] = sh.prunable + 2 * (sh.prunable // s.m)
+    # the prior's masks are read a layer at a time (pipeline.model.masks_io.LazyMasks); each group's prior
+    # candidate (int16) is kept for the diagnostics, sharded with the logits under FSDP
+    largest = max((t.numel for t in sh.targets), default=0)
+    prior = {"prior mask (a layer as read)": largest if s.prior_masks else 0,
+             "prior choices": 2 * sum(math.ceil(t.numel // s.m / W) for t in sh.targets) if s.prior_masks else 0}
+    if fsdp:  # the model is built on meta and read block by block, each sharded once its masks exist
+        read = max((w + l for w, l in zip(block_weights, block_logits)), default=0)
+        host = {"frozen weight shards": frozen, "a block as read (weights, logits)": read, **prior}
+    else:
+        host = {"model as loaded": sh.params * bw, **prior}
+    host = {k: v for k, v in host.items() if v}
     if s.device == "cpu":  # one memory: the peak is the larger of the load and the step
-        host_peak = max(sh.params * bw, totals[peak_moment]) + host.get("prior masks", 0)
+        host_peak = max(sum(host.values()), totals[peak_moment])
     else:
         host_peak = sum(host.values())
     notes = [f"attention counted as {s.attention} SDPA keeps it",
@@ -578,9 +593,11 @@ def plan_learn(config_path: str | Path, s: LearnSetup) -> Plan:
                                   else "the C++ kernel (CPU): it keeps nothing beyond W * mask"),
              "W * mask: " + ("kept from the forward to the backward" if not recompute
                              else "recomputed in backward, a layer at a time (not kept from the forward)"),
-             "every rank loads the whole model on the host before it is moved or sharded"]
+             ("each rank reads the frozen weights block by block and keeps its shards" if fsdp
+              else "every rank loads the whole model on the host before it is moved to its device"),
+             f"{s.batch // (s.micro_batch * s.world)} micro-batch(es) of {s.micro_batch} per rank and step"]
     return Plan("learn", sh.name, asdict(s), peak_moment, moments[peak_moment], totals, totals[peak_moment],
-                host_peak, host, mask_state_bytes=4 * local_logits,  # logits, gradients, AdamW's two moments
+                host_peak, host, host_peak * (s.world // s.nodes), mask_state_bytes=4 * local_logits,  # logits, gradients, AdamW's two moments
                 params=sh.params, prunable=sh.prunable, notes=notes)
 
 
@@ -598,8 +615,8 @@ class PriorSetup:
     threads: int = 16  # SparseGPT sweeps this many layers of a block at once
 
     def check(self) -> None:
-        if self.method not in ("magnitude", "wanda", "sparsegpt", "sparsegpt_noupdate"):
-            raise PlanError(f"method={self.method!r}: choose magnitude, wanda, sparsegpt or sparsegpt_noupdate")
+        if self.method not in registry.METHODS:
+            raise PlanError(f"method={self.method!r}: choose one of {', '.join(registry.METHODS)}")
         if self.device not in ("cuda", "cpu"):
             raise PlanError(f"device={self.device!r}: choose cuda or cpu")
 
@@ -609,7 +626,8 @@ def plan_prior(config_path: str | Path, s: PriorSetup) -> Plan:
     s.check()
     model = meta_model(config_path, "float32")
     sh = shapes_of(model, s.m)
-    hessian = s.method in ("sparsegpt", "sparsegpt_noupdate")
+    method = registry.get(s.method)
+    hessian = "hessian" in method.statistics
     forward = block_forward_transient(str(config_path), min(s.batch, s.nsamples), s.seqlen)
     moments: dict[str, dict[str, int]] = {}
     for b in range(sh.blocks):
@@ -618,7 +636,7 @@ def plan_prior(config_path: str | Path, s: PriorSetup) -> Plan:
         widths = _input_widths(targets)
         weights = {"block weights": sh.block_numel(b) * 4}
         # H = 2 X^T X accumulated as its upper triangle (float32), or ||X_j||^2 (float64)
-        stats = sum(w * w * 4 if hessian else w * 8 for w in widths) if hessian or s.method == "wanda" else 0
+        stats = sum(w * w * 4 if hessian else w * 8 for w in widths) if method.statistics else 0
         moments[f"block {b}: calibration forward"] = {**weights, "input statistics": stats, "block forward": forward}
         if hessian:
             groups = _stacked(targets, widths)
@@ -635,9 +653,9 @@ def plan_prior(config_path: str | Path, s: PriorSetup) -> Plan:
     host = {"model (float32)": sh.params * 4,
             "calibration activations": s.nsamples * s.seqlen * sh.hidden * 4,
             "masks": sh.prunable}
-    if s.method == "sparsegpt":
+    if method.updates_weights:
         host["updated weights"] = sh.prunable * 4
-    if s.method == "magnitude":  # the stage's magnitude prior runs no calibration pass
+    if not method.statistics:  # the stage runs no calibration pass (magnitude)
         worst, worst_terms, host = 0, {}, {"model (float32)": sh.params * 4, "masks": sh.prunable}
     # on CPU the block computes where it lives: its weights are the model's, not a copy
     host_peak = sum(host.values()) + (worst - worst_terms.get("block weights", 0) if s.device == "cpu" else 0)
@@ -681,7 +699,8 @@ def gpus_needed(config_path, nm: tuple[int, int], parallel: str, gpu_bytes: floa
         if parallel == "fsdp" and world == 1:
             world = 2  # learn.parallel=fsdp needs learn.nproc > 1
         setup = LearnSetup(n=nm[0], m=nm[1], world=world, parallel=parallel, dtype=dtype, activation_checkpointing=ac,
-                           batch=seqs_per_rank * world, seqlen=seqlen, device="cuda", weight_cache=weight_cache)
+                           batch=seqs_per_rank * world, micro_batch=seqs_per_rank, seqlen=seqlen, device="cuda",
+                           nodes=max(1, world // 8), weight_cache=weight_cache)
         plan = plan_learn(config_path, setup)
         if plan.device_peak_bytes <= headroom * gpu_bytes:
             return world, plan
@@ -695,8 +714,8 @@ def table(gpu_gb: float = 80, seqlen: int = 4096, dtype: str = "bfloat16", ac: b
     """The README table as Markdown, and its rows."""
     rows, lines = [], []
     lines.append("| model | params | prunable | N:M | mask state (GB) | DDP: GPUs | DDP: GB per rank | "
-                 "FSDP: GPUs | FSDP: GB per rank | host RAM per rank (GB) |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+                 "FSDP: GPUs | FSDP: GB per rank | FSDP: host GB per rank | per 8-GPU node |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in TABLE_MODELS:
         path = CONFIGS / f"{name}.json"
         for nm in ((2, 4), (4, 8)):
@@ -706,7 +725,8 @@ def table(gpu_gb: float = 80, seqlen: int = 4096, dtype: str = "bfloat16", ac: b
                 row[parallel] = {"gpus": count, "per_rank_bytes": plan.device_peak_bytes, "moment": plan.moment,
                                  "world": plan.setup["world"], "terms": plan.terms}
                 row["params"], row["prunable"] = plan.params, plan.prunable
-                row["host_bytes"] = plan.host_peak_bytes
+                row[parallel]["host_bytes"] = plan.host_peak_bytes
+                row[parallel]["host_per_node_bytes"] = plan.host_peak_bytes * min(8, plan.setup["world"])
                 if parallel == "ddp":
                     row["mask_state_bytes"] = plan.mask_state_bytes
             rows.append(row)
@@ -717,13 +737,13 @@ def table(gpu_gb: float = 80, seqlen: int = 4096, dtype: str = "bfloat16", ac: b
             ddp, fsdp = cell(row["ddp"]), cell(row["fsdp"])
             lines.append(f"| {name} | {row['params'] / 1e9:.2f} B | {row['prunable'] / 1e9:.2f} B | {row['nm']} | "
                          f"{row['mask_state_bytes'] / GB:,.1f} | {ddp[0]} | {ddp[1]} | {fsdp[0]} | {fsdp[1]} | "
-                         f"{row['host_bytes'] / GB:,.1f} |")
+                         f"{row['fsdp']['host_bytes'] / GB:,.1f} | {row['fsdp']['host_per_node_bytes'] / GB:,.1f} |")
     return "\n".join(lines), rows
 
 
 # ------------------------------------------------------------------ command line
 
-def _print_plan(plan: Plan) -> None:
+def _print_plan(plan: Plan, gpu_bytes: float | None = None, headroom: float = 0.92) -> None:
     gib = 2**30
     print(f"{plan.stage} {plan.model}: {plan.params / 1e9:.3f} B parameters, {plan.prunable / 1e9:.3f} B N:M targets")
     print(f"per-rank device peak {plan.device_peak_bytes / gib:,.2f} GiB at '{plan.moment}':")
@@ -732,22 +752,81 @@ def _print_plan(plan: Plan) -> None:
             print(f"  {name:32s} {value / gib:10.3f} GiB")
     print(f"host per rank (without the interpreter) {plan.host_peak_bytes / gib:,.2f} GiB: "
           + ", ".join(f"{k} {v / gib:.2f}" for k, v in plan.host_terms.items()))
+    if plan.host_per_node_bytes:
+        print(f"host per node ({plan.host_per_node_bytes // max(1, plan.host_peak_bytes)} ranks) "
+              f"{plan.host_per_node_bytes / gib:,.2f} GiB")
+    if gpu_bytes and plan.stage == "learn":
+        fits = plan.device_peak_bytes <= headroom * gpu_bytes
+        print(f"{'fits' if fits else 'does NOT fit'} a {gpu_bytes / GB:.0f} GB GPU ({headroom:.0%} of it usable: "
+              f"{headroom * gpu_bytes / gib:,.1f} GiB)")
     if plan.mask_state_bytes:
         print(f"mask state per rank between steps {plan.mask_state_bytes / gib:,.3f} GiB")
     for note in plan.notes:
         print(f"  note: {note}")
 
 
+def model_config(params) -> str:
+    """The config a pipeline's params learn on: a local model folder, a shipped config named like the hub
+    id (``meta-llama/Llama-2-7b-hf`` -> llama-2-7b), or the hub's config.json (downloaded, no weights)."""
+    if params.model.source == "smollm2":
+        return str(CONFIGS / "smollm2-135m.json")
+    if params.model.source == "tiny":
+        raise PlanError("model.source=tiny: a model trained by the dense stage; plan artifacts/dense/config.json instead")
+    hf_id = params.model.hf_id
+    if Path(hf_id).is_dir():
+        return hf_id
+    stem = Path(hf_id).name.lower().removesuffix("-hf")
+    if (CONFIGS / f"{stem}.json").is_file():
+        return str(CONFIGS / f"{stem}.json")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(hf_id, "config.json")
+    except Exception as e:  # offline, gated, no such repo
+        raise PlanError(f"model.hf_id={hf_id!r}: no shipped config by that name and the hub's config.json cannot "
+                        f"be read ({type(e).__name__}); pass a config.json or a model folder") from None
+
+
+def learn_setup(params, device: str = "cuda") -> LearnSetup:
+    """The LearnSetup of a pipeline's params (learn.*, sparsity.*)."""
+    cfg, sp = params.learn, params.sparsity
+    return LearnSetup(n=sp.n, m=sp.m, world=cfg.nproc * cfg.nnodes, parallel=cfg.parallel, dtype=cfg.dtype,
+                      activation_checkpointing=cfg.activation_checkpointing, batch=cfg.batch_size,
+                      micro_batch=cfg.micro_batch_size, seqlen=cfg.seqlen, nodes=cfg.nnodes, device=device,
+                      prior_masks=cfg.prior != "none" and cfg.prior_strength > 0,
+                      recompute=cfg.recompute_masked_weights)
+
+
+def check_fits(config_path: str | Path, setup: LearnSetup, device_bytes: float, headroom: float = 0.92) -> Plan:
+    """The plan of a run about to start on a device of ``device_bytes``; raises, with its figures, if it
+    does not fit (``headroom``: what the CUDA context and the allocator's fragmentation leave)."""
+    plan = plan_learn(config_path, setup)
+    if plan.device_peak_bytes > headroom * device_bytes:
+        gib = 2**30
+        terms = ", ".join(f"{k} {v / gib:.1f}" for k, v in sorted(plan.terms.items(), key=lambda kv: -kv[1]) if v)
+        raise PlanError(
+            f"learn will not fit: the memory plan puts a rank's peak at {plan.device_peak_bytes / gib:.1f} GiB "
+            f"('{plan.moment}': {terms} GiB) against {headroom:.0%} of the device's {device_bytes / gib:.1f} GiB. "
+            "Lower learn.micro_batch_size or learn.seqlen, set learn.activation_checkpointing=true or "
+            "learn.dtype=bfloat16, or shard over more GPUs (learn.parallel=fsdp, learn.nproc / learn.nnodes); "
+            "`python -m pipeline.maskllm.memory_plan --params` shows the plan")
+    return plan
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config", nargs="?", help="a config.json, a model folder, or a name in pipeline/maskllm/model_configs/")
+    ap.add_argument("--params", action="store_true", help="plan the run params.yaml describes (model, learn.*, sparsity.*)")
+    ap.add_argument("--profile", help="plan the run of params.yaml with profiles/NAME.yaml applied (implies --params)")
     ap.add_argument("--stage", choices=["learn", "prior"], default="learn")
-    ap.add_argument("--nm", default="2:4", help="N:M, N = weights kept")
-    ap.add_argument("--world", type=int, default=1, help="learn.nproc")
-    ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp")
-    ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    ap.add_argument("--activation-checkpointing", action="store_true")
-    ap.add_argument("--batch", type=int, default=2, help="learn.batch_size (global)")
+    ap.add_argument("--nm", help="N:M, N = weights kept (default 2:4)")
+    ap.add_argument("--gpus", type=int, help="processes, one per GPU: learn.nproc x learn.nnodes (default 1)")
+    ap.add_argument("--nodes", type=int, help="learn.nnodes: host memory per node follows (default 1)")
+    ap.add_argument("--parallel", choices=["ddp", "fsdp"])
+    ap.add_argument("--dtype", choices=list(DTYPES))
+    ap.add_argument("--activation-checkpointing", action="store_true", default=None)
+    ap.add_argument("--batch", type=int, help="learn.batch_size (global, default 2)")
+    ap.add_argument("--micro-batch", type=int, help="learn.micro_batch_size: sequences per forward (default: the batch per GPU)")
     ap.add_argument("--seqlen", type=int, default=None, help="tokens per sequence (default 512; --table: 4096)")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--attention", choices=["flash", "math"], default="flash")
@@ -757,13 +836,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nsamples", type=int, default=64, help="calibration windows (--stage prior)")
     ap.add_argument("--table", action="store_true", help="80 GB GPUs per model, 2:4 and 4:8, DDP and FSDP")
     ap.add_argument("--out", help="--table: also write the table as JSON to this file")
-    ap.add_argument("--gpu-gb", type=float, default=80)
+    ap.add_argument("--gpu-gb", type=float, default=80, help="the GPU's memory: the plan says whether the run fits")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
-    try:
-        n, m = (int(v) for v in args.nm.split(":"))
-    except ValueError:
-        ap.error(f"--nm {args.nm!r}: write N:M, e.g. 2:4")
     try:
         if args.table:
             text, rows = table(args.gpu_gb, args.seqlen or 4096, "bfloat16")
@@ -778,24 +853,40 @@ def main(argv: list[str] | None = None) -> None:
                 "dtype": "bfloat16", "activation_checkpointing": True, "rows": rows,
                 "provenance": provenance("meta", "bfloat16")})
             return
-        if not args.config:
-            ap.error("give a config (e.g. pipeline/maskllm/model_configs/llama-2-7b.json) or --table")
-        args.seqlen = args.seqlen or 512
-        if args.stage == "learn":
-            plan = plan_learn(args.config, LearnSetup(n, m, args.world, args.parallel, args.dtype,
-                                                      args.activation_checkpointing, args.batch, args.seqlen,
-                                                      args.device, attention=args.attention,
-                                                      weight_cache=args.whole_forward_cache))
+        if args.params or args.profile:
+            from pipeline.config import load_params
+            from pipeline.profile import profile_params
+
+            params = profile_params(args.profile) if args.profile else load_params()
+            base, config = learn_setup(params, args.device), args.config or model_config(params)
+        elif args.config:
+            base, config = LearnSetup(seqlen=512, device=args.device), args.config
         else:
-            plan = plan_prior(args.config, PriorSetup(n, m, args.method, args.nsamples, args.seqlen,
-                                                      device=args.device))
+            ap.error("give a config (e.g. llama-2-7b), --params, --profile NAME or --table")
+        try:
+            n, m = (int(v) for v in args.nm.split(":")) if args.nm else (base.n, base.m)
+        except ValueError:
+            ap.error(f"--nm {args.nm!r}: write N:M, e.g. 2:4")
+        world = args.gpus or base.world
+        batch = args.batch or (base.batch if (args.params or args.profile) else max(base.batch, world))
+        micro = args.micro_batch or (base.micro_batch if (args.params or args.profile) else batch // world)
+        if args.stage == "learn":
+            setup = LearnSetup(n, m, world, args.parallel or base.parallel, args.dtype or base.dtype,
+                               args.activation_checkpointing or base.activation_checkpointing, batch,
+                               args.seqlen or base.seqlen, micro, args.nodes or base.nodes, args.device,
+                               prior_masks=base.prior_masks, attention=args.attention,
+                               weight_cache=args.whole_forward_cache, recompute=base.recompute)
+            plan = plan_learn(config, setup)
+        else:
+            plan = plan_prior(config, PriorSetup(n, m, args.method, args.nsamples, args.seqlen or 512,
+                                                 device=args.device))
     except PlanError as e:
         print(f"memory_plan: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     if args.json:
         print(json.dumps(plan.as_dict(), indent=2))
     else:
-        _print_plan(plan)
+        _print_plan(plan, args.gpu_gb * GB if args.device == "cuda" else None)
 
 
 if __name__ == "__main__":

@@ -147,3 +147,62 @@ def load_model(path: str | Path, dtype: str = "float32", device: str | None = No
     model.eval()
     return model.to(device or default_device())
 
+
+
+def load_skeleton(path: str | Path, dtype: str = "float32"):
+    """A saved causal LM's structure without its weights: parameters on the meta device (no memory),
+    buffers computed (rotary frequencies); :func:`fill_parameters` reads the weights, part by part."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no model checkpoint (config.json); run `dvc repro dense` first")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), dtype=DTYPES[dtype])
+    model.config.use_cache = False
+    return model.eval()
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """Parameter name -> the safetensors file that holds it (one file, or a sharded checkpoint's index)."""
+    import json
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        return {name: path / "model.safetensors" for name in f.keys()}
+
+
+def fill_parameters(model, path: str | Path, prefix: str | None, outside: str = "") -> int:
+    """Read from the checkpoint at ``path`` the parameters of ``model`` (built by :func:`load_skeleton`)
+    whose names start with ``prefix``, or with ``prefix=None`` those outside ``outside`` (the blocks);
+    a tied parameter follows the one it is tied to. Returns the bytes read."""
+    from safetensors import safe_open
+
+    files = _tensor_files(Path(path))
+    wanted = [(name, p) for name, p in model.named_parameters(remove_duplicate=False)
+              if (name.startswith(prefix) if prefix is not None else not name.startswith(outside))]
+    by_file: dict[Path, list] = {}
+    for name, p in wanted:
+        if name in files:
+            by_file.setdefault(files[name], []).append((name, p))
+        elif not p.is_meta:
+            continue
+        elif prefix is not None or not getattr(model.config, "tie_word_embeddings", False):
+            raise FileNotFoundError(f"{path}: the checkpoint has no tensor {name!r}; was it saved for this model?")
+    read = 0
+    for file, items in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for name, p in items:
+                module_name, _, attr = name.rpartition(".")
+                module = model.get_submodule(module_name)
+                value = f.get_tensor(name).to(p.dtype)
+                setattr(module, attr, torch.nn.Parameter(value, requires_grad=p.requires_grad))
+                read += value.numel() * value.element_size()
+    if prefix is None and getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # the LM head is the (now filled) input embedding again
+    return read

@@ -9,6 +9,7 @@ killed run leaves no half-written file.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,32 @@ def save_masks(path: str | Path, masks: dict[str, torch.Tensor]) -> None:
 def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
     """Read masks written by ``save_masks`` -> {parameter name: bool tensor}."""
     return {name: mask.bool() for name, mask in load_file(str(path)).items()}
+
+
+class LazyMasks(Mapping):
+    """``load_masks`` one mask at a time: a mask is read when it is looked up (a rank that holds one
+    block at a time holds one block's prior masks at a time)."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = str(path)
+        with safe_open(self.path, framework="pt") as f:
+            self._names = list(f.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self._names:
+            raise KeyError(name)
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(name).bool()
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def _checked_params(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -121,7 +121,8 @@ def prune_oneshot(
     def prune_block(block_layers: list[PrunableLayer], stats: dict[StatsKey, InputStats]) -> None:
         groups: dict[int, list[_Matrix]] = {}  # matrices sharing one statistics object
         for matrix in (mat for layer in block_layers for mat in _matrices(layer)):
-            key = id(stats[matrix.key]) if matrix.key in stats else id(matrix)
+            shared = matrix.key in stats and entry.rows_independent
+            key = id(stats[matrix.key]) if shared else id(matrix)
             groups.setdefault(key, []).append(matrix)
         # rows are pruned independently, so layers fed the same input (q/k/v) are pruned
         # as one stacked [sum(out), in] weight: one H^-1 factor, one column sweep

@@ -50,6 +50,9 @@ class Method:
     # every block calibrated on the dense model's activations and the masks applied at the end
     # (the MaskLLM authors' prior), instead of on the outputs of the blocks pruned before it
     dense_inputs: bool = False
+    # each output row is scored on its own, so layers fed the same input (q/k/v) may be pruned as one
+    # stacked matrix; False for a score that reads a whole layer (RIA's column sums)
+    rows_independent: bool = True
     paper: str = ""  # the reference, for the citation block
 
 

@@ -15,8 +15,9 @@ METRICS = Path("metrics")
 
 @dataclass(frozen=True)
 class MetricsFile:
-    """One metrics file: ``kind`` ppl (``row`` on ``domain``), zeroshot (``row`` on a task entry) or
-    stage (a stage's own figures: ``stage`` prior@<method>, learn, harden); ``data`` its content."""
+    """One metrics file: ``kind`` ppl (``row`` on ``domain``'s test split), validation (``row`` on the
+    training corpus's validation split), zeroshot (``row`` on a task entry) or stage (a stage's own
+    figures: ``stage`` prior@<method>, learn, harden); ``data`` its content."""
 
     kind: str
     path: Path
@@ -39,6 +40,9 @@ def read_files(params, root: Path = METRICS) -> list[MetricsFile]:
             f = root / row / f"{domain}.json"
             if f.is_file():
                 out.append(MetricsFile("ppl", f, _load(f), row=row, domain=domain))
+        f = root / row / "validation" / f"{params.data.source}.json"
+        if f.is_file():
+            out.append(MetricsFile("validation", f, _load(f), row=row, domain=params.data.source))
         for task in params.evaluate.zeroshot_tasks:
             f = root / row / "zeroshot" / f"{task}.json"
             if f.is_file():
@@ -64,17 +68,22 @@ def zeroshot_values(result: dict) -> dict[str, float]:
 
 
 def flat(files: list[MetricsFile]) -> dict[str, float]:
-    """A state's results as flat metrics (the ledger's): ``ppl.<row>.<domain>``,
-    ``zeroshot.<row>.<task>.<metric>``, ``coverage.<stage>.<figure>`` (stage with ``.`` for ``@``)."""
+    """A state's results as flat metrics (the ledger's): ``ppl.<row>.<domain>`` (test),
+    ``validation_ppl.<row>.<domain>``, ``zeroshot.<row>.<task>.<metric>``, ``coverage.<stage>.<figure>``
+    (stage with ``.`` for ``@``) and the learn stage's ``learn.<figure>`` (final CE, seconds, ...)."""
     out = {}
     for f in files:
         if f.kind == "ppl":
             out[f"ppl.{f.row}.{f.domain}"] = f.data["ppl"]
+        elif f.kind == "validation":
+            out[f"validation_ppl.{f.row}.{f.domain}"] = f.data["ppl"]
         elif f.kind == "zeroshot":
             for task, r in f.data["results"].items():
                 out.update({f"zeroshot.{f.row}.{task}.{k}": v for k, v in zeroshot_values(r).items()})
         else:
             values = stage_figures(f)
+            if f.stage == "learn":
+                out.update({f"learn.{k}": v for k, v in values.items() if not k.startswith("coverage.")})
             out.update({f"coverage.{f.stage.replace('@', '.')}.{k}": values[f"coverage.{k}"]
                         for k in ("nm_fraction", "target_fraction", "model_sparsity", "uncovered")
                         if f"coverage.{k}" in values})

@@ -262,8 +262,13 @@ class Child:
 
 def children_of(f: MetricsFile) -> list[Child]:
     d = f.data
+    if f.kind == "validation":
+        return [Child("result", f"{f.row} @ {f.domain} validation", {"method": f.row, "domain": f.domain,
+                                                                     "split": "validation"}, {"in_domain": "true"},
+                      {**d.get("protocol", {}), **_provenance_params(d)},
+                      {"ppl": d["ppl"], "nll": d.get("nll", float("nan"))}, sha256_files(f.path)[:16])]
     if f.kind == "ppl":
-        return [Child("result", f"{f.row} @ {f.domain}", {"method": f.row, "domain": f.domain},
+        return [Child("result", f"{f.row} @ {f.domain}", {"method": f.row, "domain": f.domain, "split": "test"},
                       {"in_domain": str(d.get("protocol", {}).get("in_domain", "")).lower()},
                       {**d.get("protocol", {}), **_provenance_params(d)},
                       {"ppl": d["ppl"], "nll": d.get("nll", float("nan"))}, sha256_files(f.path)[:16])]
@@ -305,7 +310,7 @@ def export(entries: list[dict], current: dict, files: list[MetricsFile], curve_f
         existing: dict[tuple, list] = {}  # one search per role, not one per result
         for role in sorted({ch.role for ch in children}):
             for run in p.children(role):
-                key = (role, *sorted((k, run.data.tags.get(k, "")) for k in ("method", "domain", "task", "stage")
+                key = (role, *sorted((k, run.data.tags.get(k, "")) for k in ("method", "domain", "split", "task", "stage")
                                      if k in run.data.tags))
                 existing.setdefault(key, []).append(run)
         for ch in children:

@@ -25,6 +25,9 @@ SWEEPS = ("learn.tau", "learn.kappa", "learn.prior_strength", "learn.prior", "le
 IRRELEVANT = ("plot.", "harden.", "learn.checkpoint_every")
 # the seeds of a run: calibration windows of the one-shot priors, MaskLLM's sampling and batches
 SEEDS = ("prior.seed", "learn.seed")
+# what sweeps are drawn and chosen on: the validation split's PPL (``validation_ppl.<row>.<domain>``);
+# the test split's (``ppl.<row>.<domain>``) is reported once, for the chosen settings
+CHOICE = "validation_ppl"
 # a transfer run differs from the general one in its training domain and its prior only
 TRANSFER_FREE = ("data.source", "learn.prior", "learn.prior_file", "evaluate.domains")
 
@@ -183,12 +186,12 @@ def sweep_points(params, dataset: str, metric: str, parents: list | None = None)
 
 
 def sweep_curves(params, dataset: str, parents: list | None = None) -> dict[str, list[tuple[dict | None, dict]]]:
-    """Every sweep to show, on the in-domain PPL: {param: [(centre, points)]} (points: sweep_runs),
+    """Every sweep to show, on the validation PPL: {param: [(centre, points)]} (points: sweep_runs),
     the current params' first (centre None; the current point alone when only another centre ran a
     sweep of that param, so the figure shows where the current params stand), then each of
     other_centres."""
     parents = states(params, dataset) if parents is None else parents
-    metric = f"ppl.maskllm.{dataset}"
+    metric = f"{CHOICE}.maskllm.{dataset}"
     centres = other_centres(params, dataset, metric, parents)
     own = sweep_runs(params, dataset, metric, parents, min_points=1)
     out = {}
@@ -212,7 +215,7 @@ def sweep_panels(curves: dict[str, list[tuple[dict | None, dict]]], spreads: dic
         ppl = {row: t[domain] for row, t in table.items() if domain in t}
         best = best_one_shot(ppl)
         refs = {r: ppl[r] for r in dict.fromkeys(("dense", best, "sparsegpt", "sparsegpt_maskonly")) if r in ppl}
-        m = f"ppl.maskllm.{domain}"
+        m = f"{CHOICE}.maskllm.{domain}"
         for param, cs in curves.items():
             # the figure's legend is narrow: the centre's params without their "learn." section
             lines = [{"label": describe_centre(c).replace("learn.", "") if c else "", "points": values_of(points, m),
@@ -221,35 +224,35 @@ def sweep_panels(curves: dict[str, list[tuple[dict | None, dict]]], spreads: dic
             if sum(len(line["points"]) for line in lines) >= 2:
                 panels[param].append({"domain": domain, "in_domain": domain == dataset, "points": lines[0]["points"],
                                       "point_spread": lines[0]["point_spread"], "others": lines[1:],
-                                      "references": refs, "spread": row_spread(spread, table, domain)})
+                                      "references": refs, "spread": row_spread(spread, table, domain, CHOICE)})
     return panels
 
 
-def row_spread(spread: dict[str, dict], rows, domain: str) -> dict[str, dict]:
+def row_spread(spread: dict[str, dict], rows, domain: str, prefix: str = "ppl") -> dict[str, dict]:
     """{row: spread of its PPL on ``domain``} for each of ``rows`` that ``spread`` (seed_spread) holds."""
-    return {row: spread[f"ppl.{row}.{domain}"] for row in rows if f"ppl.{row}.{domain}" in spread}
+    return {row: spread[f"{prefix}.{row}.{domain}"] for row in rows if f"{prefix}.{row}.{domain}" in spread}
 
 
-def _ppl_in(metrics: dict[str, float], domain: str) -> dict[str, float]:
-    """A state's PPL of every row on ``domain``, from its parent's ``ppl.<row>.<domain>`` metrics."""
-    return {k.split(".")[1]: v for k, v in metrics.items() if k.startswith("ppl.") and k.endswith(f".{domain}")}
+def _ppl_in(metrics: dict[str, float], domain: str, prefix: str = "ppl") -> dict[str, float]:
+    """A state's PPL of every row on ``domain``, from its ``<prefix>.<row>.<domain>`` metrics."""
+    return {k.split(".")[1]: v for k, v in metrics.items() if k.startswith(f"{prefix}.") and k.endswith(f".{domain}")}
 
 
 def _maskllm_cells(metrics: dict[str, float], domains: list[str]) -> list[str]:
-    return [f"{metrics[f'ppl.maskllm.{d}']:,.2f}" if f"ppl.maskllm.{d}" in metrics else "—" for d in domains]
+    return [f"{metrics[f'{CHOICE}.maskllm.{d}']:,.2f}" if f"{CHOICE}.maskllm.{d}" in metrics else "—" for d in domains]
 
 
 def sweep_table(param: str, points: dict[str, tuple[dict, object]], dataset: str, domains: list[str],
                 current, spread: dict[str, dict] | None = None,
                 point_spread: dict[object, dict[str, dict]] | None = None, around: dict[str, str] | None = None) -> str:
-    """Markdown: one row per value of ``param`` (sweep_runs), in order: MaskLLM's in-domain PPL, the
-    gap it closes there, its PPL on the other domains and the one command that reproduces the
+    """Markdown: one row per value of ``param`` (sweep_runs), in order: MaskLLM's validation PPL, the
+    gap it closes there, its validation PPL on the other ``domains`` and the one command that reproduces the
     point; ``spread`` (seed_spread) adds the range of the current point over seeds, ``point_spread``
     (point_spreads of this sweep) that of every other point run under several seeds. A sweep
     ``around`` another centre (other_centres) names its centre point so and reproduces every point
     with that centre's change too."""
     cols = [dataset] + [d for d in domains if d != dataset]
-    lines = [f"| `{param}` | MaskLLM {dataset} (in domain) | gap closed ({dataset}) | "
+    lines = [f"| `{param}` | MaskLLM {dataset} validation PPL | gap closed ({dataset} validation) | "
              + "".join(f"MaskLLM {d} | " for d in cols[1:]) + "reproduce |", "|---" * (len(cols) + 3) + "|"]
     numeric = all(isinstance(_value(k), (int, float)) for k in points)
     ordered = sorted(points, key=lambda k: _value(k) if numeric else k)
@@ -257,7 +260,7 @@ def sweep_table(param: str, points: dict[str, tuple[dict, object]], dataset: str
     for key in ordered:
         p, run = points[key]
         m = run["metrics"]
-        gap = gap_closed(_ppl_in(m, dataset))
+        gap = gap_closed(_ppl_in(m, dataset, CHOICE))
         cells = _maskllm_cells(m, cols)
         here = _value(key) == current
         sets = {k: v for k, v in (around or {}).items() if v != "null"}
@@ -272,7 +275,7 @@ def sweep_table(param: str, points: dict[str, tuple[dict, object]], dataset: str
     ranges = [(centre, spread if not around else (point_spread or {}).get(current))]
     ranges += [(key, (point_spread or {}).get(_value(key), {})) for key in ordered if _value(key) != current]
     for name, metrics in ranges:
-        s = {d: (metrics or {}).get(f"ppl.maskllm.{d}") for d in cols}
+        s = {d: (metrics or {}).get(f"{CHOICE}.maskllm.{d}") for d in cols}
         if s[dataset] and s[dataset]["n"] > 1:
             rng = [f"{s[d]['min']:,.2f}–{s[d]['max']:,.2f}" if s[d] else "—" for d in cols]
             lines.append(f"| {name}, {s[dataset]['n']} seeds (min–max) | {rng[0]} | | " + "".join(f"{r} | " for r in rng[1:]) + "|")
@@ -364,7 +367,7 @@ def point_spreads(params, dataset: str, parents: list | None = None,
     seed states (as seed_spread gives the current point's): a point off the current value is then
     compared with the current one by both spreads, not by one run."""
     parents = states(params, dataset) if parents is None else parents
-    runs = sweep_runs(params, dataset, f"ppl.maskllm.{dataset}", parents) if runs is None else runs
+    runs = sweep_runs(params, dataset, f"{CHOICE}.maskllm.{dataset}", parents) if runs is None else runs
     current, defaults = _relevant(params), _defaults()
     out = {}
     for swept, points in runs.items():
@@ -412,7 +415,7 @@ def neighbours(params, dataset: str, parents: list | None = None, max_changes: i
             changes.pop("learn.prior_file", None)
             changes["learn.prior"] = prior_label(prior)
             sets.update((k, v) for k, v in prior.items() if k == "learn.prior" or v != "null")
-        if len(changes) <= max_changes and "ppl.maskllm." + dataset in run["metrics"]:
+        if len(changes) <= max_changes and f"{CHOICE}.maskllm.{dataset}" in run["metrics"]:
             latest[tuple(sorted(changes.items()))] = {"changes": changes, "sets": sets, "metrics": dict(run["metrics"]),
                                                       "exp": run["tags"].get("dvc_exp_name", "")}
     return sorted(latest.values(), key=lambda s: (len(s["changes"]), sorted(s["changes"].items())))
@@ -430,14 +433,14 @@ def command(sets: dict[str, str]) -> str:
 
 
 def neighbours_table(rows: list[dict], dataset: str, domains: list[str]) -> str:
-    """Markdown: MaskLLM's PPL per domain (in-domain first) of each state from ``neighbours``,
-    the gap it closes in domain, and the command that reproduces it."""
+    """Markdown: MaskLLM's validation PPL (in-domain first) of each state from ``neighbours``,
+    the gap it closes there, and the command that reproduces it."""
     cols = [dataset] + [d for d in domains if d != dataset]
-    lines = ["| change from the current params | " + " | ".join(f"MaskLLM {d}" for d in cols)
-             + f" | gap closed ({dataset}) | reproduce |", "|---" * (len(cols) + 3) + "|"]
+    lines = ["| change from the current params | " + " | ".join(f"MaskLLM {d} validation" for d in cols)
+             + f" | gap closed ({dataset} validation) | reproduce |", "|---" * (len(cols) + 3) + "|"]
     for r in rows:
         m = r["metrics"]
-        gap = gap_closed(_ppl_in(m, dataset))
+        gap = gap_closed(_ppl_in(m, dataset, CHOICE))
         change = ", ".join(f"`{k}={v}`" for k, v in r["changes"].items()) or "(current)"
         cells = _maskllm_cells(m, cols)
         lines.append(f"| {change} | " + " | ".join(cells) + f" | {'—' if gap is None else f'{100 * gap[0]:.1f} %'} | "
