@@ -32,6 +32,23 @@ def flush_denormals() -> None:
         sys.modules["torch"].set_flush_denormal(True)
 
 
+def reproducible_math() -> None:
+    """Have Intel MKL (torch's CPU BLAS and LAPACK) give the same bits in every run on this machine.
+
+    Without it MKL may pick code paths by the alignment of each buffer and change its thread count at
+    run time (``MKL_DYNAMIC``), and on Intel CPUs with AVX-512 both can move a GEMM's last bits
+    (oneMKL's "Conditional Numerical Reproducibility" chapter): allocations land at other addresses in
+    every process, so the same learn run drifted. Strict CNR (``MKL_CBWR=AUTO,STRICT``) makes its GEMMs
+    bitwise reproducible for a given thread count whatever the alignment, and turning MKL's dynamic
+    threading off fixes that count (torch's ``set_num_threads`` does it). MKL reads ``MKL_CBWR`` at its
+    first call, so this runs before any. A user's own ``MKL_CBWR`` is left as it is.
+    """
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    if "torch" in sys.modules:  # (a torch-free stage makes no MKL call)
+        torch = sys.modules["torch"]
+        torch.set_num_threads(torch.get_num_threads())  # also mkl_set_dynamic(0): no thread count chosen at run time
+
+
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
@@ -69,6 +86,7 @@ def keep_freed_memory() -> bool:
 def run_stage(name: str, body: Callable[[Params], str | None], params_path: str = "params.yaml") -> None:
     params = load_params_or_exit(params_path)  # before any work or write
     flush_denormals()
+    reproducible_math()
     keep_freed_memory()
     t0 = time.time()
     try:

@@ -1,0 +1,43 @@
+"""Same params, same machine, same bits: learn's first steps from two fresh processes whose memory
+holds other data at other addresses, on a model with the default model's shapes (SmolLM2-135M's widths
+and vocabulary, 2 of its 30 blocks), so that every GEMM and kernel is the default run's."""
+import json
+import subprocess
+import sys
+
+from pipeline.maskllm.memory_plan import CONFIGS
+from tests.conftest import ROOT, repo_env
+
+
+def test_two_fresh_processes_with_different_allocation_histories_learn_the_same_bits(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import torch
+
+    config = AutoConfig.from_pretrained(CONFIGS / "smollm2-135m.json")
+    config.num_hidden_layers = 2
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    env = repo_env(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")  # the stages' threads, not the tests' one
+    runs = []
+    for junk in (0, 1, 2):
+        res = subprocess.run([sys.executable, "-m", "tests.determinism_probe", str(tmp_path / "model"), str(junk)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs.append(json.loads(res.stdout.split("] ", 1)[1].rsplit(" (", 1)[0]))
+    assert len(runs[0]["ce"]) == 3
+    assert runs[1] == runs[0] and runs[2] == runs[0], runs
+
+
+def test_stages_ask_mkl_for_strict_reproducibility(tmp_path):
+    import pytest
+    import torch
+
+    if "mkl" not in torch.__config__.show().lower():
+        pytest.skip("this torch build has no MKL (its BLAS has no CNR modes to set)")
+    code = ("import torch\nfrom pipeline.stage import run_stage\n"
+            "run_stage('probe', lambda p: str(float((torch.randn(64, 64) @ torch.randn(64, 64)).sum())))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**repo_env(), "MKL_VERBOSE": "1"},
+                         capture_output=True, text=True, check=True)
+    gemm = next(line for line in res.stdout.splitlines() if "SGEMM" in line)
+    assert "CNR:AUTO,STRICT" in gemm and "Dyn:0" in gemm  # the first MKL call already in strict, fixed-thread mode
