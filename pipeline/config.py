@@ -112,8 +112,9 @@ def _learn_prior(prior: str) -> str:
 
 
 class Prior(Section):
-    methods: Annotated[list[Annotated[str, AfterValidator(_method)]], AfterValidator(_unique_list)] = [
-        "magnitude", "wanda", "sparsegpt", "sparsegpt_noupdate"]
+    # every method of the registry by default: a method added there is computed (and a row) at once
+    methods: Annotated[list[Annotated[str, AfterValidator(_method)]], AfterValidator(_unique_list)] = Field(
+        default_factory=lambda: list(registry.METHODS))
     nsamples: int = Field(64, ge=1)
     seqlen: int = Field(512, ge=8)
     seed: int = 0
