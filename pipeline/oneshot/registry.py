@@ -72,6 +72,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            frozenset({"hessian"}), (Row("sparsegpt_noupdate", "SparseGPT, no update (MaskLLM prior)", "#8e44ad"),),
            dense_inputs=True,
            paper="Fang et al., MaskLLM: Learnable Semi-Structured Sparsity for Large Language Models, NeurIPS 2024"),
+    Method("ria", "RIA", "pipeline.oneshot.ria", frozenset({"norms"}), (Row("ria", "RIA", "#16a085"),),
+           rows_independent=False,  # its column sums read a whole layer: q, k and v are scored apart
+           paper="Zhang et al., Plug-and-Play: An Efficient Post-training Pruning Method for Large Language "
+                 "Models, ICLR 2024"),
 )}
 
 
