@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 # DVC stages call `python -m stages.X`: it must be the venv's python.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install lock repro test micro ui bench clean-venv sweeps-plot \
-	sweep-tau sweep-kappa sweep-prior-strength sweep-prior sweep-reg sweep-steps sweep-transfer
+.PHONY: install lock repro test micro ui clean-venv sweeps-plot docs seeds choices budget \
+	sweep-tau sweep-kappa sweep-prior-strength sweep-prior sweep-reg sweep-transfer
 
 $(STAMP): pyproject.toml requirements-embedded.txt constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,29 +40,43 @@ test: install
 micro: install  ## the whole pipeline on the micro profile, as a DVC experiment
 	$(BIN)/dvc exp run $$($(BIN)/python -m pipeline.profile micro)
 
-# Ablations, one command each: queue the experiments, run JOBS at a time, then redraw the
-# sweep figures (plots/sweeps/*.png) from MLflow in the workspace. Each is one full MaskLLM
-# run (learn + harden + the MaskLLM evaluations; everything else is a DVC cache hit).
+# Ablations, one command each: queue the experiments (DVC's -S with a comma list queues one per value),
+# run JOBS at a time, then redraw the sweep figures (plots/sweeps/) from the ledger. Each is one
+# MaskLLM run (learn, harden and the MaskLLM evaluations; everything else is a DVC cache hit).
 JOBS ?= 1
 QUEUE = $(BIN)/dvc exp run --queue
-define sweep
-	$(foreach v,$(2),$(QUEUE) -S $(1)=$(v);)
-	$(BIN)/dvc queue start -j $(JOBS)
-	$(BIN)/python -m pipeline.records.queue_wait
-	$(MAKE) sweeps-plot
-endef
+RUN_QUEUE = $(BIN)/dvc queue start -j $(JOBS) && $(BIN)/python -m pipeline.records.queue_wait && $(BIN)/dvc repro track
+AUTHORS = $$($(BIN)/python -m pipeline.profile authors-recipe)
 sweep-tau: install            ## Gumbel temperature at step 0 (paper: 4)
-	$(call sweep,learn.tau,1 2 8)
-sweep-kappa: install          ## logit scale at step 0 (default 1000; paper: 100)
-	$(call sweep,learn.kappa,10 30 100 300 3000)
+	$(QUEUE) -S 'learn.tau=1,2,8'
+	$(RUN_QUEUE)
+sweep-kappa: install          ## logit scale at step 0 (paper: 100)
+	$(QUEUE) -S 'learn.kappa=100,300,3000'
+	$(RUN_QUEUE)
 sweep-prior-strength: install ## prior strength alpha, 0 = no prior (paper: 3)
-	$(call sweep,learn.prior_strength,0 1 10)
+	$(QUEUE) -S 'learn.prior_strength=0,1,10'
+	$(RUN_QUEUE)
 sweep-prior: install          ## which one-shot mask is the prior
-	$(call sweep,learn.prior,magnitude wanda none)
-sweep-reg: install            ## sparse weight regulariser: off, the paper's 1e-5, 1e-3 (default 1e-4)
-	$(call sweep,learn.weight_reg,0 1e-5 1e-3)
-sweep-steps: install          ## training budget
-	$(call sweep,learn.steps,16 32 128)
+	$(QUEUE) -S 'learn.prior=magnitude,wanda,ria,sparsegpt_noupdate,none'
+	$(RUN_QUEUE)
+sweep-reg: install            ## sparse weight regulariser lambda0: off, the paper's 1e-5, 1e-3
+	$(QUEUE) -S 'learn.weight_reg=0,1e-5,1e-3'
+	$(RUN_QUEUE)
+seeds: install                ## the current params under learn.seed 1 and 2: the spread next to every difference
+	$(QUEUE) -S 'learn.seed=1,2'
+	$(RUN_QUEUE)
+choices: install              ## the defaults against the authors' settings on validation, 3 seeds each (docs/results.md)
+	$(QUEUE) -S 'learn.seed=1,2'
+	$(QUEUE) -S 'learn.seed=0,1,2' -S learn.kappa=100
+	$(QUEUE) -S 'learn.seed=0,1,2' -S learn.weight_reg=1e-5
+	$(QUEUE) -S 'learn.seed=0,1,2' -S 'learn.betas=[0.9,0.95]' -S learn.eps=1e-5
+	$(QUEUE) -S learn.prior=sparsegpt_noupdate
+	$(QUEUE) -S 'learn.seed=0,1,2' $(AUTHORS)
+	$(RUN_QUEUE)
+budget: install               ## the budget curve: 128, 256 and 512 steps of both recipes (docs/results.md)
+	$(QUEUE) -S 'learn.steps=128,256,512'
+	$(QUEUE) -S 'learn.steps=128,256,512' $(AUTHORS)
+	$(RUN_QUEUE)
 # Transfer (MaskLLM's downstream recipe): the workspace's learned mask as the prior of a run
 # learned on TRANSFER_TO, against the same run from a one-shot (SparseGPT) prior calibrated
 # there; both evaluated on every domain. The exported mask is `dvc add`ed and staged with git
@@ -76,11 +90,11 @@ sweep-transfer: install       ## learned general mask vs one-shot mask as the pr
 	$(QUEUE) -n transfer-$(TRANSFER_TO)-general -S data.source=$(TRANSFER_TO) -S learn.prior=file \
 	  -S learn.prior_file=$(GENERAL)
 	$(QUEUE) -n transfer-$(TRANSFER_TO)-oneshot -S data.source=$(TRANSFER_TO)
-	$(BIN)/dvc queue start -j $(JOBS)
-	$(BIN)/python -m pipeline.records.queue_wait
-	$(MAKE) sweeps-plot
+	$(RUN_QUEUE)
 sweeps-plot: install
-	$(BIN)/dvc repro track  # MLflow sync + plots/sweeps/*.png from the states MLflow holds
+	$(BIN)/dvc repro track  # the ledger, plots/sweeps/ from its states, the MLflow export
+docs: install                 ## regenerate the numbers in README.md and docs/ from the committed files
+	$(BIN)/python -m pipeline.records.docs
 
 ui: install
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \

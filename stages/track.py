@@ -9,10 +9,12 @@ import json
 from pathlib import Path
 
 from pipeline.io import atomic_dir
+from pipeline.profile import profile_params
 from pipeline.records import ledger, metrics, mlflow_export, plots, sweeps
 from pipeline.stage import run_stage
 
 METRICS, PLOTS = Path("metrics"), Path("plots")
+AUTHORS = "authors-recipe"  # profiles/authors-recipe.yaml: the budget curve's second recipe
 CURVE, HARDEN_STATS, LEARN = PLOTS / "learn_curve.csv", Path("artifacts/harden/stats.json"), METRICS / "learn.json"
 
 
@@ -42,6 +44,12 @@ def main(params):
                        for _, points in cs] for param, cs in curves.items()}
     panels = sweeps.sweep_panels(curves, spreads, validation, [dataset], dataset, spread)
     transfers = {d: sweeps.transfer_bars(d, learned, table, dataset) for d, learned in sweeps.transfer_states(params).items()}
+    # the budget curve: these params and the authors' recipe at every learn.steps recorded
+    recipes = {"tuned (params.yaml)": params, "authors' recipe": profile_params(AUTHORS)}
+    commands = {"tuned (params.yaml)": "dvc exp run",
+                "authors' recipe": f"dvc exp run $(python -m pipeline.profile {AUTHORS})"}
+    curves_by_budget = {k: v for k, v in sweeps.budget(recipes, dataset, states).items() if v}
+    references = {r: validation[r][dataset] for r in ("dense", "sparsegpt") if dataset in validation.get(r, {})}
     with atomic_dir(PLOTS / "sweeps") as tmp:
         for param, cs in curves.items():
             name = param.replace(".", "_")
@@ -58,6 +66,14 @@ def main(params):
                 "in this param alone (the latest run of each);\n"
                 "gap closed: of the gap between the best one-shot row (named) and dense, on validation.\n\n"
                 + "\n\n".join(tables) + "\n")
+        if sum(len(points) for points in curves_by_budget.values()) >= 2:
+            plots.budget(curves_by_budget, references, dataset, tmp / "budget.png", dpi)
+            (tmp / "budget.md").write_text(
+                f"# MaskLLM's budget curve ({dataset} validation split)\n\n"
+                "Every recorded state of these params (tuned) or of the authors' recipe (`profiles/authors-recipe.yaml`)\n"
+                "that differs in `learn.steps` and the seeds alone; a budget run under several seeds shows their mean\n"
+                "and range. Gap closed: of the gap between the best one-shot row (named) and dense, on validation.\n\n"
+                + sweeps.budget_table(curves_by_budget, dataset, commands) + "\n")
         for domain, (bars, dense) in transfers.items():
             plots.transfer(domain, bars, dense, tmp / f"transfer_{domain}.png", dpi)
         if seeds > 1:
@@ -75,6 +91,8 @@ def main(params):
                                          for c, points in cs)
                 + f" -> {p.replace('.', '_')}.png, {p.replace('.', '_')}.md (table)\n" for p, cs in curves.items())
             + "".join(f"- transfer to {d}: {len(b)} masks -> transfer_{d}.png\n" for d, (b, _) in transfers.items())
+            + ("- the budget curve: validation PPL against training tokens, both recipes -> budget.png, budget.md\n"
+               if sum(len(points) for points in curves_by_budget.values()) >= 2 else "")
             + (f"- seeds: {seeds} states of these params ({seed_values}) -> seeds.png\n" if seeds > 1 else "")
             + "- every state within two params of these, with the command that reproduces it -> states.md\n"
             + ("" if curves or transfers or seeds > 1 else

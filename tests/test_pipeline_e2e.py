@@ -17,7 +17,7 @@ DOMAINS = ("wiki", "shakespeare")  # the micro profile's evaluate.domains
 EXPERIMENT = "tiny/wiki/2:4"
 ALWAYS = ["learn_prior", "track"]  # always_changed stages: instant, they run on every repro
 # a new MaskLLM mask: learn, harden, every row fingerprint (instant; only maskllm's changes), its evaluations
-MASKLLM_BRANCH = ["learn", "harden", *(f"row@{r}" for r in ROWS)]
+MASKLLM_BRANCH = ["learn", "harden", *(f"row@{r}" for r in ROWS), "validate@maskllm"]
 ZEROSHOT = "lastword"  # the micro profile's evaluate.zeroshot_tasks (default)
 
 
@@ -38,12 +38,14 @@ def dvc(repo, *args, **kw):
     return run([str(BIN / "dvc"), *args], repo, **kw)
 
 
-def mlflow_runs(repo, role=None):
+def mlflow_runs(repo, role=None, split="test"):
+    """The runs of the micro experiment; results (role ``result``) of one split, test by default."""
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     df = mlflow.search_runs(experiment_names=[EXPERIMENT])
-    return df if role is None else df[df["tags.role"] == role]
+    df = df if role is None else df[df["tags.role"] == role]
+    return df[df["tags.split"] == split] if role == "result" else df
 
 
 def test_repro_writes_every_method_on_every_domain_with_its_protocol(micro_repo):
@@ -60,7 +62,7 @@ def test_repro_writes_every_method_on_every_domain_with_its_protocol(micro_repo)
     assert ppl["magnitude", "wiki"] > ppl["dense", "wiki"]  # even the micro model is hurt by pruning
     assert ppl["dense", "shakespeare"] > ppl["dense", "wiki"]  # trained on wiki only
     stats = json.loads((repo / "artifacts" / "data" / "stats.json").read_text())
-    assert stats["train"]["articles"] + stats["test"]["articles"] == 400
+    assert stats["train"]["articles"] + stats["validation"]["articles"] + stats["test"]["articles"] == 400
     assert "[evaluate dense @ wiki] dense @ wiki: PPL" in res.stdout  # the one-line stage summary
     assert "ppl" in dvc(repo, "metrics", "show", "--json").stdout
 
@@ -265,7 +267,7 @@ def test_pipeline_logs_to_an_mlflow_server(micro_copy, tmp_path):
             except OSError:
                 time.sleep(0.5)
         res = dvc(micro_copy, "repro", env=repo_env(MLFLOW_TRACKING_URI=uri))
-        assert "MLflow parent" in res.stdout
+        assert "state(s) exported" in res.stdout
         body = json.dumps({"experiment_ids": [], "max_results": 100}).encode()
         exp = json.load(urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name="
                                                + urllib.request.quote(EXPERIMENT)))["experiment"]

@@ -182,3 +182,19 @@ def test_zeroshot_figure_without_tasks_says_why(figures, tmp_path):
     plots.zeroshot_bars({}, tmp_path / "z.png")
     (text,) = figures[-1].axes[0].texts
     assert text.get_text() == "no zero-shot results: evaluate.zeroshot_tasks is empty"
+
+
+def test_budget_figure_has_a_line_per_recipe_with_seed_ranges_and_the_references(figures, tmp_path):
+    def point(tokens, mean, lo=None, hi=None, n=1):
+        return {"tokens": tokens, "runs": n, "spread": {"validation_ppl.maskllm.wiki": {
+            "mean": mean, "min": lo or mean, "max": hi or mean, "n": n}}}
+    curves = {"tuned": {64: point(65536, 30.0, 29.5, 31.0, 3), 128: point(131072, 28.0)},
+              "authors' recipe": {64: point(65536, 38.0, 36.0, 39.0, 3), 128: point(131072, 33.0)}}
+    plots.budget(curves, {"dense": 15.0, "sparsegpt": 50.0}, "wiki", tmp_path / "b.png")
+    ax = figures[0].axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["MaskLLM, tuned"].get_xdata()) == [65536, 131072]
+    assert list(lines["MaskLLM, authors' recipe"].get_ydata()) == [38.0, 33.0]
+    assert {"dense 15.0", "SparseGPT 50.0"} <= set(lines)
+    assert len(ax.containers) == 2  # one min–max bar per point run under several seeds
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"

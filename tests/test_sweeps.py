@@ -312,3 +312,29 @@ def test_neighbours_are_the_states_within_two_params_with_their_command(store, m
     # gap closed against SparseGPT, by hand: (50 - 41) / (50 - 14) = 25.0 %
     assert "| `learn.tau=2.0` | 41.00 | 25.0 % | `dvc exp run -S learn.tau=2.0` |" in text.splitlines()
     assert "| (current) | 36.00 | 38.9 % | `dvc repro` |" in text.splitlines()
+
+
+def test_the_budget_curve_takes_each_recipe_at_every_recorded_step_count(store, monkeypatch):
+    """Two recipes (the current params, and another in kappa), each at the steps it ran; the 64-step
+    points under three seeds carry their spread; other changes are no point of either curve."""
+    refs = {"dense": 15.0, "sparsegpt": 50.0}
+    for seed, (tuned, other) in enumerate([(40.0, 45.0), (42.0, 46.0), (41.0, 44.0)]):
+        log_state(store, params(learn_seed=seed), {"maskllm": tuned, **refs}, f"t{seed}")
+        log_state(store, params(learn_seed=seed, kappa=1000.0), {"maskllm": other, **refs}, f"o{seed}")
+    log_state(store, params(steps=256), {"maskllm": 35.0, **refs}, "t256")
+    log_state(store, params(steps=256, kappa=1000.0), {"maskllm": 30.0, **refs}, "o256")
+    log_state(store, params(steps=256, tau=2.0), {"maskllm": 1.0, **refs}, "tau")  # another param: no point
+    recipes = {"tuned": params(), "other": params(kappa=1000.0)}
+    curves = sweeps.budget(recipes, "wiki", sweeps.states(params(), "wiki"))
+    assert list(curves["tuned"]) == [64, 256] and list(curves["other"]) == [64, 256]
+    tokens = params().learn.batch_size * params().learn.seqlen
+    assert curves["tuned"][256]["tokens"] == 256 * tokens
+    at64 = curves["tuned"][64]["spread"][f"{sweeps.CHOICE}.maskllm.wiki"]
+    assert (at64["n"], at64["min"], at64["max"], at64["mean"]) == (3, 40.0, 42.0, 41.0)
+    assert curves["other"][256]["spread"][f"{sweeps.CHOICE}.maskllm.wiki"]["mean"] == 30.0
+    table = sweeps.budget_table(curves, "wiki", {"tuned": "dvc exp run", "other": "dvc exp run -S learn.kappa=1000"})
+    rows = table.splitlines()[2:]
+    # gap closed: (50 - 41) / (50 - 15) = 25.7 %; (50 - 30) / (50 - 15) = 57.1 %
+    assert rows[0].startswith(f"| tuned | 64 | {64 * tokens:,} | 41.00 (40.00–42.00) | 3 | 25.7 % of SparseGPT |")
+    assert rows[3] == (f"| other | 256 | {256 * tokens:,} | 30.00 | 1 | 57.1 % of SparseGPT | "
+                       "`dvc exp run -S learn.kappa=1000 -S learn.steps=256` |")

@@ -503,7 +503,11 @@ def make_optimizer(masks: MaskSet, lr: float, steps: int, weight_decay: float = 
     """
     params = masks.parameters()
     fused = all(p.device.type in ("cpu", "cuda") and type(p) is nn.Parameter for p in params)  # one kernel per tensor
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused or None)
+    # sharded (FSDP) logits on CPU: one tensor at a time; the multi-tensor path would hold temporaries as
+    # large as every logit this process holds (the GPU path keeps it: it is fast there)
+    foreach = False if not fused and all(p.device.type == "cpu" for p in params) else None
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused or None,
+                                  foreach=foreach)
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr * min_lr_ratio)
     return optimizer, lr_schedule
 

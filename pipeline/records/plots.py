@@ -212,7 +212,7 @@ def _sweep_panel(ax, param: str, panel: dict, current: object) -> None:
     ax.set_yscale("log")
     values = bounds + list(references.values()) + [b for s in spread.values() if s["n"] > 1 for b in (s["min"], s["max"])]
     plain_log_axis(ax.yaxis, min(values), max(values))  # PPLs are read as values
-    ax.set_ylabel("test PPL")  # no x label: the title above the panels names the param, the ticks its values
+    ax.set_ylabel("validation PPL")  # no x label: the title above the panels names the param, the ticks its values
     ax.set_title(f"{panel['domain']} ({'in domain' if panel.get('in_domain') else 'out of domain'})", fontsize=9)
     # below the axes: inside, it hid the bars of a categorical sweep (learn.prior)
     # one column once other centres add their long labels: two would spill into the next panel's legend
@@ -312,4 +312,35 @@ def seed_spread(in_domain: dict[str, float], spread: dict[str, dict], dataset: s
     ax.set_xlabel(f"{dataset} test perplexity (log scale)")
     ax.set_title(f"spread over {n} seed pairs ({seeds}):\nmin–max bars, this state's value as dots", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
+    _save(fig, path, dpi)
+
+
+def budget(curves: dict[str, dict[int, dict]], references: dict[str, float], dataset: str, path: Path,
+           dpi: int = 150) -> None:
+    """MaskLLM's validation PPL against its training tokens, one line per recipe (min–max over seeds
+    where several ran), with the one-shot references and dense as horizontal lines (sweeps.budget)."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.2))
+    values = list(references.values())
+    for (name, points), (color, marker, ls) in zip(curves.items(), _CURVE_STYLES * len(curves)):
+        xs = [p["tokens"] for p in points.values()]
+        stats = [p["spread"][f"validation_ppl.maskllm.{dataset}"] for p in points.values()]
+        ys = [s["mean"] for s in stats]
+        ax.plot(xs, ys, marker=marker, ls=ls, color=color, label=f"MaskLLM, {name}")
+        for x, y, s in zip(xs, ys, stats):
+            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color=color)
+            if s["n"] > 1:
+                ax.errorbar([x], [y], yerr=[[y - s["min"]], [s["max"] - y]], fmt="none", ecolor=color, capsize=4)
+                values += [s["min"], s["max"]]
+        values += ys
+    for row, v in references.items():
+        ax.axhline(v, ls="--", lw=1, color=colour(row, "k"), label=f"{label(row)} {v:.1f}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    plain_log_axis(ax.yaxis, min(values), max(values))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:g}k" if v < 1e6 else f"{v / 1e6:g}M"))
+    ax.set_xlabel("training tokens (steps x batch x sequence length)")
+    ax.set_ylabel(f"{dataset} validation PPL")
+    ax.set_title("MaskLLM's budget curve (error bars: min–max over seeds)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     _save(fig, path, dpi)

@@ -25,9 +25,10 @@ def _cell(value: float, spread: dict | None) -> str:
 
 
 def table(metrics: Path, domains: list[str], in_domain: str, spread: dict[str, dict] | None = None,
-          seeds: str = "prior.seed, learn.seed") -> str:
+          seeds: str = "prior.seed, learn.seed", extra: dict[str, dict] | None = None) -> str:
     """PPL per row (lines) and domain (columns, in-domain first); ``spread``: sweeps.seed_spread,
-    ``seeds``: the seed values it spans (sweeps.describe_seeds)."""
+    ``seeds``: the seed values it spans (sweeps.describe_seeds); ``extra``: more MaskLLM rows,
+    {label: the flat metrics of their recorded state} (another recipe), after MaskLLM's."""
     cols = [in_domain] + [d for d in domains if d != in_domain]
     ppl = read_ppl(metrics, cols)
     spread = spread or {}
@@ -37,14 +38,23 @@ def table(metrics: Path, domains: list[str], in_domain: str, spread: dict[str, d
         if ppl[r]:
             lines.append(f"| {label(r)} | " + " | ".join(
                 _cell(ppl[r][d], spread.get(f"ppl.{r}.{d}")) if d in ppl[r] else "—" for d in cols) + " |")
+    for name, m in (extra or {}).items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{m[f'ppl.maskllm.{d}']:,.2f}" if f"ppl.maskllm.{d}" in m else "—" for d in cols) + " |")
     n_seeds = max((s["n"] for k, s in spread.items() if k.startswith("ppl.")), default=1)
     if n_seeds > 1:
         lines.append(f"\n[min–max]: the same pipeline state under {n_seeds} seed pairs ({seeds}), from the ledger; "
                      "a value without a range did not vary with them")
-    gaps = [f"{d}: {100 * g[0]:.1f} % (vs {label(g[1])})" for d in cols
-            if (g := gap_closed({r: ppl[r][d] for r in ROWS if d in ppl[r]})) is not None]
-    if gaps:
-        lines.append(f"\nGap to dense closed by MaskLLM, against the best one-shot row of each domain: {', '.join(gaps)}")
+    for name, m in [("MaskLLM", None), *(extra or {}).items()]:
+        def ppl_on(d):
+            row = {r: ppl[r][d] for r in ROWS if d in ppl[r]}
+            if m is not None:
+                row.pop("maskllm", None)
+                row.update({"maskllm": m[f"ppl.maskllm.{d}"]} if f"ppl.maskllm.{d}" in m else {})
+            return row
+        gaps = [f"{d}: {100 * g[0]:.1f} % (vs {label(g[1])})" for d in cols if (g := gap_closed(ppl_on(d))) is not None]
+        if gaps:
+            lines.append(f"\nGap to dense closed by {name}, against the best one-shot row of each domain: {', '.join(gaps)}")
     return "\n".join(lines)
 
 

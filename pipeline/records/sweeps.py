@@ -447,3 +447,42 @@ def neighbours_table(rows: list[dict], dataset: str, domains: list[str]) -> str:
                      f"`{command(r['sets'])}` |")
     return "\n".join(lines)
 
+
+
+def budget(recipes: dict[str, object], dataset: str, parents: list) -> dict[str, dict[int, dict]]:
+    """The budget curve of each recipe ({name: its Params}): every recorded state equal to the recipe but
+    in ``learn.steps`` and the seeds -> {name: {steps: {"tokens", "spread": {metric: spread over its seed
+    states}, "runs": n}}}, steps in order."""
+    out = {}
+    for name, params in recipes.items():
+        centre, defaults = _relevant(params), _defaults()
+        by_steps: dict[int, list] = {}
+        for run in parents:
+            p = run["params"]
+            if f"{CHOICE}.maskllm.{dataset}" in run["metrics"] and _matches(p, centre, ("learn.steps", *SEEDS), defaults):
+                by_steps.setdefault(int(p["learn.steps"]), []).append(run)
+        tokens = params.learn.batch_size * params.learn.seqlen
+        out[name] = {steps: {"tokens": steps * tokens, "runs": len(_seed_runs({**centre, "learn.steps": str(steps)},
+                                                                             runs, defaults)),
+                             "spread": _metric_spreads(_seed_runs({**centre, "learn.steps": str(steps)}, runs, defaults))}
+                     for steps, runs in sorted(by_steps.items())}
+    return out
+
+
+def budget_table(curves: dict[str, dict[int, dict]], dataset: str, commands: dict[str, str]) -> str:
+    """Markdown: per recipe and budget, MaskLLM's validation PPL (mean, and min–max over the seeds run),
+    the gap it closes there (its mean against the best one-shot row's and dense's) and the command."""
+    lines = [f"| recipe | steps | training tokens | MaskLLM {dataset} validation PPL | seeds | gap closed (validation) "
+             "| reproduce |", "|---" * 7 + "|"]
+    for name, points in curves.items():
+        for steps, point in points.items():
+            s = point["spread"]
+            m = s[f"{CHOICE}.maskllm.{dataset}"]
+            ppl = {row: s[k]["mean"] for k in s if k.startswith(f"{CHOICE}.") and k.endswith(f".{dataset}")
+                   for row in [k.split(".")[1]]}
+            gap = gap_closed(ppl)
+            cell = f"{m['mean']:,.2f}" + (f" ({m['min']:,.2f}–{m['max']:,.2f})" if m["n"] > 1 else "")
+            lines.append(f"| {name} | {steps} | {point['tokens']:,} | {cell} | {m['n']} | "
+                         f"{'—' if gap is None else f'{100 * gap[0]:.1f} % of {label(gap[1])}'} | "
+                         f"`{commands[name]} -S learn.steps={steps}` |")
+    return "\n".join(lines)
