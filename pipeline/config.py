@@ -134,8 +134,9 @@ class Learn(Section):
     steps: int = Field(64, ge=1)
     batch_size: int = Field(2, ge=1, description="sequences per step (the global batch)")
     # sequences per forward, each micro-batch with a Gumbel sample of its own; the gradient accumulates
-    # over batch_size / (micro_batch_size x processes) micro-batches per process
-    micro_batch_size: int = Field(2, ge=1)
+    # over batch_size / (micro_batch_size x processes) micro-batches per process. None: one micro-batch
+    # per process (the batch split over the processes, no accumulation)
+    micro_batch_size: Optional[int] = Field(None, ge=1)
     seqlen: int = Field(512, ge=8)
     lr: float = Field(5e-4, gt=0)
     tau: float = Field(4.0, gt=0, description="temperature at step 0")
@@ -163,13 +164,18 @@ class Learn(Section):
     # tensor less for ~4 % more step time on CPU (bench/maskllm_step.py); FSDP keeps it regardless
     recompute_masked_weights: bool = True
 
+    def micro(self, world: int | None = None) -> int:
+        """Sequences per micro-batch on ``world`` processes (default: learn.nproc x learn.nnodes)."""
+        world = world or self.nproc * self.nnodes
+        return self.micro_batch_size or max(1, self.batch_size // world)
+
     @model_validator(mode="after")
     def _parallel(self):
         world = self.nproc * self.nnodes
-        if self.batch_size % (self.micro_batch_size * world):
+        if self.batch_size % (self.micro(world) * world):
             raise ValueError(
                 f"learn.batch_size={self.batch_size} must be a multiple of learn.micro_batch_size="
-                f"{self.micro_batch_size} x {world} process(es) (learn.nproc={self.nproc} x learn.nnodes={self.nnodes}): "
+                f"{self.micro(world)} x {world} process(es) (learn.nproc={self.nproc} x learn.nnodes={self.nnodes}): "
                 "every process takes the same number of micro-batches; change one of them")
         if self.parallel == "fsdp" and world == 1:
             raise ValueError("learn.parallel=fsdp shards the model over processes and needs learn.nproc x learn.nnodes > 1; "

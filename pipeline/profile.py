@@ -2,6 +2,7 @@
 
     dvc exp run $(python -m pipeline.profile micro)          # -S key=value ... flags, one shell word each
     python -m pipeline.profile micro --write params.yaml     # apply in place
+    python -m pipeline.profile --set learn.nnodes=2 --write params.yaml   # one key in place, validated
     python -m pipeline.profile --list                        # the profiles and what each is for
 
 Every override is printed as one shell word (``$(...)`` splits on spaces and removes no quotes) in the
@@ -78,6 +79,19 @@ def command_words(overrides: dict) -> list[str]:
     return [w for k, v in overrides.items() for w in ("-S", f"{k}={override_value(v, k)}")]
 
 
+def write(path: Path, overrides: dict) -> None:
+    """Apply overrides to a params file in place, as ``dvc exp run -S`` does (DVC's own code: comments
+    and order kept), validated before the file is replaced."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply
+
+    from pipeline.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(path.read_text())
+        dvc_apply(tmp, [f"{k}={override_value(v, k)}" for k, v in overrides.items()])
+        parse_params(yaml.safe_load(tmp.read_text()), f"{path} with {len(overrides)} override(s)")
+
+
 def describe() -> str:
     """Each profile with the first line of its own comment."""
     lines = []
@@ -91,16 +105,22 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", nargs="?")
     ap.add_argument("--write", metavar="PARAMS_YAML", help="apply the profile to this params file in place")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override of its own (with --write: set it in the params file); repeatable")
     ap.add_argument("--list", action="store_true", help="the profiles and what each is for")
     args = ap.parse_args(argv)
-    if args.list or not args.name:
+    if args.list or not (args.name or args.set):
         print(describe())
         return
     try:
-        overrides = load_profile(args.name)
+        overrides = load_profile(args.name) if args.name else {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ProfileError(f"--set {item!r}: write KEY=VALUE, e.g. learn.nnodes=2")
+            overrides[key] = yaml.safe_load(value)
         if args.write:
-            raw = yaml.safe_load(Path(args.write).read_text())
-            Path(args.write).write_text(yaml.safe_dump(apply_overrides(raw, overrides), sort_keys=False))
+            write(Path(args.write), overrides)
         else:
             apply_overrides(yaml.safe_load(Path("params.yaml").read_text()), overrides)  # valid before printed
             print(" ".join(command_words(overrides)))

@@ -68,7 +68,8 @@ def main(params):
         else:
             priors = LazyMasks(prior_file)  # each layer's mask is read as its block gets its logits
     train = load_tokens(DATA / "train.npy")
-    ckpt = Checkpoint(CKPT, fingerprint(cfg, sp, prior_file, extra=f"dense={sha256_files(DENSE / 'model.safetensors')}"))
+    ckpt = Checkpoint(CKPT, fingerprint(cfg, sp, prior_file, extra=f"dense={sha256_files(DENSE / 'model.safetensors')}",
+                                        world=d.world))
 
     def run(log):
         return learn_masks(model, priors, train, cfg, sp, ckpt, log=log, d=d, device=device, fill=fill)
@@ -129,7 +130,7 @@ def write_outputs(result, cfg, sp, d, device, coverage) -> None:
         # the subnormal check of a whole run: late steps (tau near its end) as fast as early ones
         "step_seconds_first_10pct": sum(times[:tenth]) / tenth, "step_seconds_last_10pct": sum(times[-tenth:]) / tenth,
         "processes": d.world, "parallel": cfg.parallel if d.world > 1 else "single",
-        "accumulation": cfg.batch_size // (cfg.micro_batch_size * d.world),
+        "accumulation": cfg.batch_size // (cfg.micro(d.world) * d.world),
         # the largest peak resident memory of a process up to its first step (loading included)
         "peak_host_bytes_first_step": result.peak_host_bytes,
         "mask_kernel": kernel_name(device, math.comb(sp.m, sp.n)), "coverage": coverage.as_dict(names=False),

@@ -19,7 +19,8 @@ LEARN = {"learn.steps": 30, "learn.checkpoint_every": 3, "learn.batch_size": 2}
 # candidates gradients near 0, where AdamW (eps 1e-8) turns the reduction's float-order noise into
 # steps of up to lr (measured: 2.6e-4 between DDP and one process), so these checks of the
 # reduction itself would measure AdamW's sign-steps instead
-PARALLEL = {"learn.steps": 8, "learn.checkpoint_every": 2, "learn.batch_size": 4, "learn.kappa": 100.0}
+PARALLEL = {"learn.steps": 8, "learn.checkpoint_every": 2, "learn.batch_size": 4, "learn.micro_batch_size": 2,
+            "learn.kappa": 100.0}  # micro-batches of 2: one process accumulates 2, two ranks take one each
 # one sequence per micro-batch: one process accumulates 4 micro-batches per step, 2 ranks 2 each
 ACCUMULATE = {**PARALLEL, "learn.micro_batch_size": 1}
 

@@ -792,7 +792,7 @@ def learn_setup(params, device: str = "cuda") -> LearnSetup:
     cfg, sp = params.learn, params.sparsity
     return LearnSetup(n=sp.n, m=sp.m, world=cfg.nproc * cfg.nnodes, parallel=cfg.parallel, dtype=cfg.dtype,
                       activation_checkpointing=cfg.activation_checkpointing, batch=cfg.batch_size,
-                      micro_batch=cfg.micro_batch_size, seqlen=cfg.seqlen, nodes=cfg.nnodes, device=device,
+                      micro_batch=cfg.micro(), seqlen=cfg.seqlen, nodes=cfg.nnodes, device=device,
                       prior_masks=cfg.prior != "none" and cfg.prior_strength > 0,
                       recompute=cfg.recompute_masked_weights)
 

@@ -43,9 +43,11 @@ NOT_IN_FINGERPRINT = {"checkpoint_every", "nproc", "nnodes", "rdzv_endpoint", "p
                       "recompute_masked_weights"}
 
 
-def fingerprint(cfg: Learn, sp: Sparsity, prior_file: Path | None, extra: str = "") -> str:
-    """Identity of a run: a checkpoint of another run (other params or prior) is never resumed."""
+def fingerprint(cfg: Learn, sp: Sparsity, prior_file: Path | None, extra: str = "", world: int = 1) -> str:
+    """Identity of a run: a checkpoint of another run (other params or prior) is never resumed. The
+    micro-batch size counts as it runs (the samples drawn), the processes that share them do not."""
     learn = cfg.model_dump(mode="json", exclude=NOT_IN_FINGERPRINT)
+    learn["micro_batch_size"] = cfg.micro(world)
     h = hashlib.sha256(json.dumps(learn, sort_keys=True).encode() + sp.model_dump_json().encode() + extra.encode())
     if prior_file is not None:
         h.update(prior_file.read_bytes())
@@ -56,7 +58,7 @@ def micro_batches(train: torch.Tensor, cfg: Learn, t: int, d: Dist) -> list[tupl
     """This process's micro-batches of step t: ``[(k, rows k*b .. (k+1)*b of the global batch)]`` for
     k = rank, rank + P, ... (b = learn.micro_batch_size, P processes)."""
     batch = sample_windows(train, cfg.batch_size, cfg.seqlen, seed=cfg.seed * STEP_SEED + t)
-    b = cfg.micro_batch_size
+    b = cfg.micro(d.world)
     return [(k, batch[k * b:(k + 1) * b]) for k in range(d.rank, cfg.batch_size // b, d.world)]
 
 
@@ -79,9 +81,9 @@ def learn_masks(model, priors: dict | None, train: torch.Tensor, cfg: Learn, sp:
     ``fill``: the model was built on the meta device and this reads its weights, part by part
     (``pipeline.maskllm.distributed.prepare``)."""
     d = d or Dist()
-    if cfg.batch_size % (cfg.micro_batch_size * d.world):
+    if cfg.batch_size % (cfg.micro(d.world) * d.world):
         raise ValueError(f"learn.batch_size={cfg.batch_size} must be a multiple of learn.micro_batch_size="
-                         f"{cfg.micro_batch_size} x {d.world} process(es)")
+                         f"{cfg.micro(d.world)} x {d.world} process(es)")
     kernel_name(device, math.comb(sp.m, sp.n))  # build the mask kernel (first use) before any step is timed
     prepared = prepare(model, priors, cfg, sp, d, device, fill)
     net, masks = prepared.net, prepared.masks

@@ -175,6 +175,18 @@ def deviations() -> str:
 WHY = yaml.safe_load(Path(__file__).with_name("deviations.yaml").read_text())
 
 
+def coverage() -> str:
+    """Per architecture: the block weights under N:M, of the targets, what a Linear-only discovery covered."""
+    data = _json(RESULTS / "coverage.json")
+    lines = [f"| architecture | block weights under {data['pattern']} | of the targets | `nn.Linear` only | "
+             "model sparsity | dense by design |", "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['arch']} | {100 * r['nm_fraction']:.1f} % | {100 * r['target_fraction']:.1f} % | "
+                     f"{100 * r['linear_only_fraction']:.0f} % | {100 * r['model_sparsity']:.1f} % | "
+                     f"{len(r['gates'])} router(s) |")
+    return "\n".join(lines) + f"\n\n`python -m bench.coverage`, on {data['provenance']['device_name']}."
+
+
 def layout() -> str:
     """The packages of pipeline/ with each module's first docstring line."""
     out = []
@@ -190,7 +202,7 @@ def profiles() -> str:
     return "```\n" + describe() + "\n```"
 
 
-BLOCKS = {"results": results, "zeroshot": zeroshot, "validation": validation, "budget": budget,
+BLOCKS = {"results": results, "zeroshot": zeroshot, "validation": validation, "budget": budget, "coverage": coverage,
           "learn-curve": learn_curve, "stage-times": stage_times, "memory-table": memory_table,
           "deviations": deviations, "layout": layout, "profiles": profiles}
 

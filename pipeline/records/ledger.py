@@ -36,7 +36,7 @@ DVC_TAGS = ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_STAGE", "DVC_ROOT")
 # "the value before this key existed" is written down; add a key here when a param is added.
 IMPLIED: dict[str, str] = {
     "learn.recompute_masked_weights": "True",  # same bits either way
-    "learn.micro_batch_size": "2",  # one sample per step: every state before it ran learn.batch_size 2
+    "learn.micro_batch_size": "null",  # one micro-batch per process (every state before it ran one process)
     "learn.nnodes": "1",
     "learn.rdzv_endpoint": "null",
     "data.validation_fraction": "0.0",  # no validation split: every article was train or test
