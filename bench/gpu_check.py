@@ -234,7 +234,7 @@ def part_learn(device: str, run: tuple, tmp: Path, dry_run: bool, attention: dic
             sync(device)
             times.append(time.perf_counter() - start)
     kernel = kernel_name(device, math.comb(m, n))
-    setup = memory_plan.LearnSetup(n=n, m=m, world=1, dtype=dtype, activation_checkpointing=ac, batch=seqs,
+    setup = memory_plan.LearnSetup(n=n, m=m, world=1, dtype=dtype, activation_checkpointing=ac, batch=seqs, micro_batch=seqs,
                                    seqlen=seqlen, device="cuda" if device.startswith("cuda") else "cpu",
                                    prior_masks=False, attention=attention.get(dtype, "flash"), kernel=kernel)
     plan = memory_plan.plan_learn(str(path), setup)

@@ -171,6 +171,7 @@ def plan_for(args) -> dict:
     if args.what == "learn":
         setup = memory_plan.LearnSetup(n=args.n, m=args.m, world=args.nproc, parallel=args.parallel, dtype=args.dtype,
                                        activation_checkpointing=args.activation_checkpointing, batch=args.batch,
+                                       micro_batch=args.batch // args.nproc,
                                        seqlen=args.seqlen, device="cpu", prior_masks=args.prior)
         return memory_plan.plan_learn(config, setup).as_dict()
     setup = memory_plan.PriorSetup(n=args.n, m=args.m, method=args.method, nsamples=args.nsamples, seqlen=args.seqlen,

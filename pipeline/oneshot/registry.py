@@ -79,10 +79,6 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 
-def method_names() -> tuple[str, ...]:
-    return tuple(METHODS)
-
-
 def get(name: str) -> Method:
     """The entry of a method, or an error naming the known ones."""
     if name not in METHODS:
