@@ -63,3 +63,21 @@ def test_stage_rejects_bad_params_before_any_write(tmp_path):
     assert res.returncode == 2
     assert "evaluate.dtype: must be one of" in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_the_code_defaults_are_params_yaml_and_every_knob_is_in_it():
+    """pipeline/config.py's defaults equal params.yaml's values, key for key: a knob only in the code
+    could not be set with `dvc exp run -S`, and a default in two places would drift."""
+    import yaml
+
+    from pipeline.config import Params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def keys(d, prefix=""):
+        return {f"{prefix}{k}" for k, v in d.items() for f in ([k] if not isinstance(v, dict) or k in ("zeroshot_data",)
+                                                                else [None]) if f} | \
+            {x for k, v in d.items() if isinstance(v, dict) and k != "zeroshot_data" for x in keys(v, f"{prefix}{k}.")}
+
+    assert keys(raw) == keys(Params().model_dump(mode="json"))
+    assert Params().model_dump(mode="json") == parse_params(raw).model_dump(mode="json")
