@@ -35,7 +35,7 @@ repro: install
 	$(BIN)/dvc metrics show
 
 test: install
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 micro: install  ## the whole pipeline on the micro profile, as a DVC experiment
 	$(BIN)/dvc exp run $$($(BIN)/python -m pipeline.profile micro)
