@@ -30,3 +30,11 @@ def test_a_number_changed_by_hand_is_caught(monkeypatch):
 
 def test_the_readme_is_short():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 300
+
+
+def test_a_difference_is_only_called_one_outside_the_seed_range():
+    base = [33.0, 34.0]
+    assert docs.verdict(base, base) == "—"
+    assert docs.verdict([35.0], base) == "worse by 1.50, outside the defaults' seed range"
+    assert docs.verdict([31.0, 32.0], base) == "better by 2.00, outside the defaults' seed range"
+    assert docs.verdict([33.5, 36.0], base) == "+1.25, within the seed range: no difference"

@@ -62,7 +62,9 @@ def validation() -> str:
     dataset = params.data.source
     states = sweeps.states(params, dataset)
     spread = sweeps.seed_spread(params, dataset, states)
-    lines = [f"| setting | MaskLLM {dataset} validation PPL: mean (min–max) | seeds | reproduce |", "|---|---|---|---|"]
+    lines = [f"| setting | MaskLLM {dataset} validation PPL: mean (min–max) | seeds | against the defaults | reproduce |",
+             "|---|---|---|---|---|"]
+    base = None  # the current defaults' values: the first row
     for name, overrides in CHOICES.items():
         centre = dict(ledger.flat_params(params))
         point = _apply(params, overrides)
@@ -74,11 +76,25 @@ def validation() -> str:
         changed = {k: v for k, v in ledger.flat_params(point).items() if centre.get(k) != v}
         command = sweeps.command(changed)
         cell = f"{sum(values) / len(values):,.2f} ({min(values):,.2f}–{max(values):,.2f})"
-        lines.append(f"| {name} | {cell} | {len(values)} | `{command}` |")
+        base = values if overrides == {} else base
+        lines.append(f"| {name} | {cell} | {len(values)} | {verdict(values, base) if base else 'no defaults run'} | `{command}` |")
     refs = {r: spread.get(f"{sweeps.CHOICE}.{r}.{dataset}") for r in ("dense", "sparsegpt")}
     lines.append("\nReferences on the same split: " + ", ".join(
         f"{label(r)} {s['mean']:,.2f}" for r, s in refs.items() if s))
     return "\n".join(lines)
+
+
+def verdict(values: list[float], base: list[float]) -> str:
+    """How a setting's validation PPLs stand against the defaults': a difference is only called one when
+    every seed of the one lies outside the range of the other's seeds."""
+    if values is base:
+        return "—"
+    diff = sum(values) / len(values) - sum(base) / len(base)
+    if min(values) > max(base):
+        return f"worse by {diff:,.2f}, outside the defaults' seed range"
+    if max(values) < min(base):
+        return f"better by {-diff:,.2f}, outside the defaults' seed range"
+    return f"{diff:+,.2f}, within the seed range: no difference"
 
 
 # the choices the defaults were made on (docs/results.md), each against the current params
@@ -197,9 +213,19 @@ def layout() -> str:
 
 
 def profiles() -> str:
-    from pipeline.profile import describe
+    """Each profile with the first sentence of its own header comment."""
+    from pipeline.profile import PROFILES
 
-    return "```\n" + describe() + "\n```"
+    lines = ["| profile | what it is for |", "|---|---|"]
+    for path in sorted(PROFILES.glob("*.yaml")):
+        header = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            header.append(line.lstrip("# ").strip())
+        text = " ".join(header).split(": ", 1)[-1] if header[0].startswith(path.stem) else " ".join(header)
+        lines.append(f"| `{path.stem}` | {text.split('. ')[0].rstrip('.')} |")
+    return "\n".join(lines)
 
 
 BLOCKS = {"results": results, "zeroshot": zeroshot, "validation": validation, "budget": budget, "coverage": coverage,
