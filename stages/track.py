@@ -45,8 +45,8 @@ def main(params):
     panels = sweeps.sweep_panels(curves, spreads, validation, [dataset], dataset, spread)
     transfers = {d: sweeps.transfer_bars(d, learned, table, dataset) for d, learned in sweeps.transfer_states(params).items()}
     # the budget curve: these params and the authors' recipe at every learn.steps recorded
-    recipes = {"tuned (params.yaml)": params, "authors' recipe": profile_params(AUTHORS)}
-    commands = {"tuned (params.yaml)": "dvc exp run",
+    recipes = {"defaults (params.yaml)": params, "authors' recipe": profile_params(AUTHORS)}
+    commands = {"defaults (params.yaml)": "dvc exp run",
                 "authors' recipe": f"dvc exp run $(python -m pipeline.profile {AUTHORS})"}
     curves_by_budget = {k: v for k, v in sweeps.budget(recipes, dataset, states).items() if v}
     references = {r: validation[r][dataset] for r in ("dense", "sparsegpt") if dataset in validation.get(r, {})}
