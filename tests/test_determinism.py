@@ -20,13 +20,13 @@ def test_two_fresh_processes_with_different_allocation_histories_learn_the_same_
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
     env = repo_env(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")  # the stages' threads, not the tests' one
     runs = []
-    for junk in (0, 1, 2):
+    for junk in (0, 1):  # a fresh process as a stage starts, and one whose allocator holds other blocks
         res = subprocess.run([sys.executable, "-m", "tests.determinism_probe", str(tmp_path / "model"), str(junk)],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stderr[-3000:]
         runs.append(json.loads(res.stdout.split("] ", 1)[1].rsplit(" (", 1)[0]))
     assert len(runs[0]["ce"]) == 3
-    assert runs[1] == runs[0] and runs[2] == runs[0], runs
+    assert runs[1] == runs[0], runs
 
 
 def test_stages_ask_mkl_for_strict_reproducibility(tmp_path):
