@@ -65,8 +65,8 @@ def validation() -> str:
     lines = [f"| setting | MaskLLM {dataset} validation PPL: mean (min–max) | seeds | against the defaults | reproduce |",
              "|---|---|---|---|---|"]
     base, missing = None, []  # the current defaults' values; the choices not recorded yet
+    centre = ledger.flat_params(params)
     for name, overrides in CHOICES.items():
-        centre = dict(ledger.flat_params(params))
         point = _apply(params, overrides)
         runs = sweeps.seed_states(point, dataset, states) if point else []
         values = [r["metrics"][f"{sweeps.CHOICE}.maskllm.{dataset}"] for r in runs
