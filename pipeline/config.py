@@ -212,6 +212,10 @@ def zeroshot_leaves(task: str, domains: list[str]) -> list[str]:
     return [f"lastword_{d}" for d in domains] if task == "lastword" else [task]
 
 
+# the rows whose validation PPL the choices, sweeps and the budget curve read (pipeline.records)
+VALIDATION_READ = ("dense", "sparsegpt", "maskllm")
+
+
 class Evaluate(Section):
     seqlen: int = Field(512, ge=8)
     batch_size: int = Field(4, ge=1)
@@ -227,6 +231,9 @@ class Evaluate(Section):
     zeroshot_limit: Optional[int] = Field(32, ge=1)  # examples per task (lm-eval's limit); None = all
     zeroshot_seqlen: int = Field(64, ge=8)  # context length in tokens (contexts are cut from the left)
     zeroshot_data: dict[str, str] = {}  # hub task -> local copy of its dataset (a folder load_dataset reads)
+    # rows evaluated on the validation split: what the choices and sweeps read (MaskLLM's PPL, and the
+    # gap it closes between dense and SparseGPT); any other row may be added
+    validation_rows: Annotated[list[str], AfterValidator(_unique_list)] = ["dense", "sparsegpt", "maskllm"]
 
     @model_validator(mode="after")
     def _zeroshot(self):
@@ -240,6 +247,14 @@ class Evaluate(Section):
         if len(set(leaves)) != len(leaves):
             raise ValueError(f"evaluate.zeroshot_tasks {self.zeroshot_tasks} names a task twice "
                              "('lastword' already holds every lastword_<domain>)")
+        rows = ("dense", *(r.name for r in registry.rows()), "maskllm")
+        for row in self.validation_rows:
+            if row not in rows:
+                raise ValueError(f"evaluate.validation_rows: unknown row {row!r}; one of {list(rows)}")
+        missing = [r for r in VALIDATION_READ if r not in self.validation_rows]
+        if missing:
+            raise ValueError(f"evaluate.validation_rows {self.validation_rows} lacks {missing}: the choices read "
+                             "MaskLLM's validation PPL and the gap it closes between dense and SparseGPT")
         for task in self.zeroshot_data:
             if task not in HUB_TASKS or task not in self.zeroshot_tasks:
                 raise ValueError(f"evaluate.zeroshot_data.{task}: {task!r} is not in evaluate.zeroshot_tasks "

@@ -36,6 +36,9 @@ def test_repository_params_are_valid():
         ({"evaluate": {"domains": ["wiki", "wiki"]}}, "evaluate.domains", "without repeats"),
         ({"evaluate": {"domains": ["wiki", "klingon"]}}, "evaluate.domains.1", "'pydocs'"),
         ({"evaluate": {"domains": ["shakespeare"]}}, "(top level)", "must include the training domain"),
+        ({"evaluate": {"validation_rows": ["dense", "sparsegpt", "maskllm", "obs"]}}, "evaluate",
+         "unknown row 'obs'"),
+        ({"evaluate": {"validation_rows": ["dense", "maskllm"]}}, "evaluate", "lacks ['sparsegpt']: the choices read"),
     ],
 )
 def test_bad_values_name_the_key(raw, key, hint):

@@ -136,4 +136,6 @@ def test_the_rows_are_listed_once_and_match_the_registry():
     rows = next(v["rows"] for v in raw["vars"] if isinstance(v, dict) and "rows" in v)
     assert tuple(rows) == ROWS
     text = (ROOT / "dvc.yaml").read_text()
-    assert text.count("${rows}") == 4  # row, evaluate, validate, zeroshot: no stage keeps a list of its own
+    assert text.count("${rows}") == 3  # row, evaluate, zeroshot: no stage keeps a list of its own
+    # validate runs the rows the choices read, a params list the params validation checks against ROWS
+    assert raw["stages"]["validate"]["foreach"] == "${evaluate.validation_rows}"

@@ -40,6 +40,9 @@ IMPLIED: dict[str, str] = {
     "learn.nnodes": "1",
     "learn.rdzv_endpoint": "null",
     "data.validation_fraction": "0.0",  # no validation split: every article was train or test
+    # every row was evaluated on validation (a choice of what to evaluate: no result depends on it)
+    "evaluate.validation_rows": json.dumps(["dense", "magnitude", "wanda", "sparsegpt", "sparsegpt_maskonly",
+                                            "sparsegpt_noupdate", "ria", "maskllm"]),
 }
 
 

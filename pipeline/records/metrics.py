@@ -41,7 +41,7 @@ def read_files(params, root: Path = METRICS) -> list[MetricsFile]:
             if f.is_file():
                 out.append(MetricsFile("ppl", f, _load(f), row=row, domain=domain))
         f = root / row / "validation" / f"{params.data.source}.json"
-        if f.is_file():
+        if row in params.evaluate.validation_rows and f.is_file():
             out.append(MetricsFile("validation", f, _load(f), row=row, domain=params.data.source))
         for task in params.evaluate.zeroshot_tasks:
             f = root / row / "zeroshot" / f"{task}.json"

@@ -22,7 +22,7 @@ from pipeline.records.ledger import experiment_name, flat_params, model_label
 SWEEPS = ("learn.tau", "learn.kappa", "learn.prior_strength", "learn.prior", "learn.weight_reg", "learn.steps",
           "learn.lr")
 # params that do not change any result (a sweep point may differ in them)
-IRRELEVANT = ("plot.", "harden.", "learn.checkpoint_every")
+IRRELEVANT = ("plot.", "harden.", "learn.checkpoint_every", "evaluate.validation_rows")
 # the seeds of a run: calibration windows of the one-shot priors, MaskLLM's sampling and batches
 SEEDS = ("prior.seed", "learn.seed")
 # what sweeps are drawn and chosen on: the validation split's PPL (``validation_ppl.<row>.<domain>``);
