@@ -12,7 +12,7 @@ from pipeline.model.nm import NMError, find_prunable_layers, is_nm
 from pipeline.oneshot.prune import prune_oneshot
 from pipeline.oneshot.sparsegpt_noupdate import inverse_hessian_factor, noupdate_mask, sparsegpt_noupdate_layers
 from pipeline.oneshot.wanda import wanda_mask
-from tests.tiny_models import tiny_llama
+from tests.tiny_models import tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -128,3 +128,25 @@ def test_config_accepts_it_as_a_method_and_as_learns_prior():
     assert p.learn.prior == "sparsegpt_noupdate" and p.prior.reconstruction_error is False
     with pytest.raises(ParamsError, match="add it to prior.methods"):
         parse_params({"prior": {"methods": ["sparsegpt"]}, "learn": {"prior": "sparsegpt_noupdate"}})
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_one_pass_per_block_on_dense_inputs_gives_the_two_pass_bits(make):
+    """With dense_inputs one forward per block both observes and feeds the next block: every block's
+    statistics (so every later block's inputs) are bit for bit those of observing and running apart."""
+    from pipeline.oneshot.calibration import prune_blockwise
+
+    calib = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    for one_pass in (False, True):
+        model, record = make(seed=1).double(), []
+
+        def prune_block(layers, stats):  # chooses nothing, records what it was given
+            record.extend((layer.param_name, stats[(layer.param_name, None)].hessian.clone(),
+                           stats[(layer.param_name, None)].sq_norms.clone()) for layer in layers)
+
+        prune_blockwise(model, calib, prune_block, lambda layer: InputStats(layer.in_features, "cpu", norms=True, hessian=True),
+                        batch_size=4, progress=False, dense_inputs=one_pass)
+        seen[one_pass] = record
+    assert [r[0] for r in seen[True]] == [r[0] for r in seen[False]] and len({r[0] for r in seen[True]}) >= 8
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(seen[True], seen[False]))

@@ -134,12 +134,15 @@ def _call(block: nn.Module, call: BlockCall, device: torch.device | None):
     return block(call.hidden, *call.args, **call.kwargs)
 
 
+def _advance(call: BlockCall, out) -> None:
+    out = out[0] if isinstance(out, tuple) else out
+    call.hidden = out.to(call.hidden.device)
+
+
 def run_block(block: nn.Module, calls: list[BlockCall], device: torch.device | None = None) -> None:
     """Replace every call's hidden states by the block's output (the next block's input), where they were."""
     for call in calls:
-        out = _call(block, call, device)
-        out = out[0] if isinstance(out, tuple) else out
-        call.hidden = out.to(call.hidden.device)
+        _advance(call, _call(block, call, device))
 
 
 NewStats = Callable[[PrunableLayer], InputStats]
@@ -153,9 +156,12 @@ def _hooked(layer: PrunableLayer) -> bool:
 
 def observe_block(
     block: nn.Module, layers: list[PrunableLayer], calls: list[BlockCall], new_stats: NewStats,
-    device: torch.device | None = None,
+    device: torch.device | None = None, advance: bool = False,
 ) -> dict[StatsKey, InputStats]:
     """One pass over ``calls`` collecting input statistics -> {(parameter name, expert or None): stats}.
+
+    ``advance``: run the whole block and replace every call's hidden states by its output, as
+    :func:`run_block` does, in the same pass (for a block whose weights its pruning leaves as they are).
 
     nn.Linear / Conv1D layers fed the very same tensor (q/k/v, gate/up) share one statistics
     object, so the Gram matrix of a shared input is accumulated once; without other targets
@@ -187,7 +193,7 @@ def observe_block(
             if owner[name] == name:
                 stats[(name, None)].add_batch(x)
             seen.add(name)
-            if not watched and len(seen) == len(hooked):
+            if not watched and len(seen) == len(hooked) and not advance:
                 raise _StopForward
         return hook
 
@@ -221,7 +227,9 @@ def observe_block(
             seen.clear()
             try:
                 with watch or contextlib.nullcontext():
-                    _call(block, call, device)
+                    out = _call(block, call, device)
+                if advance:
+                    _advance(call, out)
             except _StopForward:
                 pass
             first_inputs.clear()
@@ -261,8 +269,13 @@ def prune_blockwise(
     progress: bool = True,
     layers: list[PrunableLayer] | None = None,
     device: torch.device | str | None = None,
+    dense_inputs: bool = False,
 ) -> None:
     """Walk the blocks in order: observe (if ``new_stats``), ``prune_block``, run the pruned block.
+
+    ``dense_inputs``: ``prune_block`` leaves the weights as they are (it only chooses masks), so every
+    block is calibrated on the dense model's activations; one pass per block then both observes and
+    computes the next block's inputs (the same bits as observing and running in two passes).
 
     ``calib`` is LongTensor [nsamples, seqlen]. ``prune_block(layers, stats)`` gets the
     block's N:M targets (``layers``, default: all of the model's) and their input statistics
@@ -285,11 +298,13 @@ def prune_blockwise(
                 block_layers = [layer for layer in layers if layer.block == index]
                 place(block, target)
                 try:
-                    stats = observe_block(block, block_layers, calls, new_stats, target) \
-                        if new_stats and block_layers else {}
+                    observed = bool(new_stats and block_layers)
+                    stats = observe_block(block, block_layers, calls, new_stats, target, advance=dense_inputs) \
+                        if observed else {}
                     prune_block(block_layers, stats)
                     del stats
-                    run_block(block, calls, target)
+                    if not (dense_inputs and observed):
+                        run_block(block, calls, target)
                 finally:
                     place(block, home)
     finally:

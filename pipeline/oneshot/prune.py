@@ -178,7 +178,8 @@ def prune_oneshot(
                 norms="norms" in entry.statistics,
                 hessian="hessian" in entry.statistics or measure_error,
             )
-        prune_blockwise(model, calib, prune_block, new_stats, batch_size, progress, layers=layers, device=device)
+        prune_blockwise(model, calib, prune_block, new_stats, batch_size, progress, layers=layers, device=device,
+                        dense_inputs=entry.dense_inputs)
     if entry.dense_inputs:
         for layer in layers:
             layer.param().masked_fill_(~result.masks[layer.param_name].to(layer.param().device), 0)
