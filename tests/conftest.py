@@ -67,12 +67,17 @@ def set_params(repo: Path, overrides: dict) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(apply_overrides(raw, overrides), sort_keys=False))
 
 
-MICRO = ("micro_base", "micro_copy", "micro_repo")  # fixtures that need the micro pipeline build
+# fixtures that need the micro pipeline build: its learn stage and what it depends on (LEARN_BASE),
+# or all of it
+LEARN_BASE = ("micro_learn_copy",)
+MICRO = ("micro_base", "micro_copy", "micro_repo", *LEARN_BASE)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests on the micro build last: the unit tests run while it builds in the background."""
-    items.sort(key=lambda item: any(name in item.fixturenames for name in MICRO))
+    """Tests on the micro build last, those that need its learn stage only first among them: the unit
+    tests run while it builds in the background, the learn tests while the rest of it does."""
+    items.sort(key=lambda item: (any(name in item.fixturenames for name in MICRO),
+                                 not any(name in item.fixturenames for name in LEARN_BASE)))
 
 
 def _shared_home(tmp_path_factory, config) -> Path:
@@ -95,10 +100,28 @@ def _micro_build(tmp_path_factory, request):
     with FileLock(str(root / "micro-shared.lock")):
         if not (home / "started").is_file():
             shutil.rmtree(home, ignore_errors=True)
-            repo = copy_repo(home / "repo", micro_overrides())
-            subprocess.Popen(["sh", "-c", f'"{BIN / "dvc"}" repro >../repro.stdout 2>../repro.stderr; echo $? >../repro.rc'],
-                             cwd=repo, env=repo_env(), start_new_session=True)
+            repo = copy_repo(home / "learn", micro_overrides())
+            # `dvc repro learn` first (the learn tests start from it), then the rest in a copy
+            dvc = BIN / "dvc"
+            script = (f'"{dvc}" repro learn >../learn.stdout 2>../learn.stderr; rc=$?; echo $rc >../learn.rc; '
+                      f'if [ $rc -ne 0 ]; then echo "learn base: $rc" >../repro.rc; exit; fi; '
+                      f'cp -a ../learn ../repo && cd ../repo && "{dvc}" repro >../repro.stdout 2>../repro.stderr; '
+                      f'echo $? >../repro.rc')
+            subprocess.Popen(["sh", "-c", script], cwd=repo, env=repo_env(), start_new_session=True)
             (home / "started").touch()
+
+
+def _wait_for(home: Path, phase: str) -> str:
+    """The stdout of a phase of the micro build (``learn``, ``repro``) once it succeeded; its log if not."""
+    rc, deadline = home / f"{phase}.rc", time.monotonic() + 1500
+    while not (rc.is_file() and rc.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(1)
+    code = rc.read_text().strip() if rc.is_file() else "still running after 1500 s"
+    logs = [home / f"{p}.{s}" for p in ("learn", phase) for s in ("stdout", "stderr")]
+    if code != "0":
+        raise AssertionError(f"micro `dvc repro` ({phase}) failed ({code}):\n"
+                             + "".join(f.read_text()[-4000:] for f in dict.fromkeys(logs) if f.is_file()))
+    return (home / f"{phase}.stdout").read_text()
 
 
 @pytest.fixture(scope="session")
@@ -106,14 +129,19 @@ def micro_base(_micro_build, tmp_path_factory, request):
     """The micro profile's whole pipeline reproduced once (in the background, from the
     session's start); tests work on copies of it. The xdist workers share the one build."""
     home = _shared_home(tmp_path_factory, request.config) / "micro-shared"
-    rc, deadline = home / "repro.rc", time.monotonic() + 1500
-    while not (rc.is_file() and rc.read_text().strip()) and time.monotonic() < deadline:
-        time.sleep(1)
-    code = rc.read_text().strip() if rc.is_file() else "still running after 1500 s"
-    if code != "0":
-        raise AssertionError(f"micro `dvc repro` failed ({code}):\n"
-                             + (home / "repro.stdout").read_text()[-4000:] + (home / "repro.stderr").read_text()[-4000:])
-    return home / "repo", SimpleNamespace(stdout=(home / "repro.stdout").read_text())
+    stdout = _wait_for(home, "learn") + _wait_for(home, "repro")
+    return home / "repo", SimpleNamespace(stdout=stdout)
+
+
+@pytest.fixture
+def micro_learn_copy(_micro_build, tmp_path_factory, request, tmp_path):
+    """A private copy of the micro build once its `learn` stage and what it depends on are reproduced
+    (the rest of the build goes on in another folder)."""
+    home = _shared_home(tmp_path_factory, request.config) / "micro-shared"
+    _wait_for(home, "learn")
+    repo = tmp_path / "repo"
+    shutil.copytree(home / "learn", repo, symlinks=True)
+    return repo
 
 
 @pytest.fixture

@@ -75,6 +75,27 @@ def run(words, cwd, **kw):
     return res
 
 
+def in_process(module: str, args: list[str]) -> str:
+    """``python -m module *args`` through the module's main in this interpreter (torch and the libraries
+    are imported once for all such commands) -> what it printed; a non-zero exit fails."""
+    import runpy
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    argv, cwd = sys.argv, os.getcwd()
+    sys.argv, out = [module, *args], StringIO()
+    os.chdir(ROOT)
+    try:
+        with redirect_stdout(out):
+            runpy.run_module(module, run_name="__main__")
+    except SystemExit as e:
+        assert e.code in (0, None), f"python -m {module} {' '.join(args)} exited {e.code}"
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+    return out.getvalue()
+
+
 # commands that are not the project's to run here: their checks
 def check(words: list[str], repo: Path, tmp: Path) -> str:
     head = words[0]
@@ -120,7 +141,7 @@ def check(words: list[str], repo: Path, tmp: Path) -> str:
     if head == "python" and words[1] == "-m":
         module = words[2]
         if module.startswith("bench."):  # measurements: argparse checks the flags, nothing runs
-            run(["python", *words[1:], "--help"], ROOT)
+            assert "usage:" in in_process(module, [*words[3:], "--help"])
             return "argparse"
         if module == "stages.learn":  # srun's command on every node of a SLURM job
             run(["python", "-c", "import stages.learn"], ROOT)
@@ -134,22 +155,7 @@ def check(words: list[str], repo: Path, tmp: Path) -> str:
             run(["python", *words[1:], "--check"], ROOT)
             return "ran --check"
         if module in IN_PROCESS:  # the same argv through the module's main, without a new interpreter
-            import runpy
-            from contextlib import redirect_stdout
-            from io import StringIO
-
-            argv, cwd = sys.argv, os.getcwd()
-            sys.argv, out = [module, *words[3:]], StringIO()
-            os.chdir(ROOT)
-            try:
-                with redirect_stdout(out):
-                    runpy.run_module(module, run_name="__main__")
-            except SystemExit as e:
-                assert e.code in (0, None), f"{' '.join(words)} exited {e.code}"
-            finally:
-                sys.argv = argv
-                os.chdir(cwd)
-            assert out.getvalue().strip(), f"{' '.join(words)} printed nothing"
+            assert in_process(module, words[3:]).strip(), f"{' '.join(words)} printed nothing"
             return "ran (in process)"
         run(["python", *words[1:]], ROOT)
         return "ran"

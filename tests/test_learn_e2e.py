@@ -69,8 +69,8 @@ def argmax_agreement(a, b) -> float:
     return sum(int((a[k].argmax(-1) == b[k].argmax(-1)).sum()) for k in a) / sum(a[k].shape[0] for k in a)
 
 
-def test_sigkilled_learn_resumes_to_the_same_logits(micro_copy):
-    repo = micro_copy
+def test_sigkilled_learn_resumes_to_the_same_logits(micro_learn_copy):
+    repo = micro_learn_copy
     set_params(repo, LEARN)
     killed_at = kill_after_checkpoint(repo, [str(BIN / "dvc"), "repro", "learn"], 6, 18)
     res = run([str(BIN / "dvc"), "repro", "learn"], repo)
@@ -85,8 +85,8 @@ def test_sigkilled_learn_resumes_to_the_same_logits(micro_copy):
         assert torch.equal(resumed[name], fresh[name]), name
 
 
-def test_ddp_and_fsdp_on_two_processes_match_one_process(micro_copy):
-    repo = micro_copy
+def test_ddp_and_fsdp_on_two_processes_match_one_process(micro_learn_copy):
+    repo = micro_learn_copy
     learn(repo, **PARALLEL)
     single = logits(repo)
     res = learn(repo, **PARALLEL, **{"learn.nproc": 2, "learn.parallel": "ddp"})
@@ -104,8 +104,8 @@ def test_ddp_and_fsdp_on_two_processes_match_one_process(micro_copy):
     assert metrics["processes"] == 2 and metrics["parallel"] == "fsdp"
 
 
-def test_fsdp_resumes_after_sigkill_and_on_another_number_of_processes(micro_copy):
-    repo = micro_copy
+def test_fsdp_resumes_after_sigkill_and_on_another_number_of_processes(micro_learn_copy):
+    repo = micro_learn_copy
     fsdp = {**PARALLEL, "learn.nproc": 2, "learn.parallel": "fsdp"}
     learn(repo, **fsdp)
     uninterrupted = logits(repo)
@@ -126,10 +126,10 @@ def test_fsdp_resumes_after_sigkill_and_on_another_number_of_processes(micro_cop
     assert leftovers == [], leftovers  # a finished run leaves no checkpoint (and no half-written one)
 
 
-def test_two_ranks_accumulating_two_micro_batches_match_one_process_accumulating_four(micro_copy):
+def test_two_ranks_accumulating_two_micro_batches_match_one_process_accumulating_four(micro_learn_copy):
     """Every micro-batch has its own Gumbel sample, keyed by its index in the global batch, whoever
     computes it: the same samples, the same mean gradient, only its float summation order differs."""
-    repo = micro_copy
+    repo = micro_learn_copy
     learn(repo, **ACCUMULATE)
     single = logits(repo)
     assert json.loads((repo / "metrics" / "learn.json").read_text())["accumulation"] == 4
@@ -141,8 +141,8 @@ def test_two_ranks_accumulating_two_micro_batches_match_one_process_accumulating
     assert max_diff(logits(repo), single) > 1e-4
 
 
-def test_a_sigkilled_run_that_accumulates_resumes_to_the_same_logits(micro_copy):
-    repo = micro_copy
+def test_a_sigkilled_run_that_accumulates_resumes_to_the_same_logits(micro_learn_copy):
+    repo = micro_learn_copy
     learn(repo, **ACCUMULATE)
     uninterrupted = logits(repo)
     set_params(repo, ACCUMULATE)
@@ -161,10 +161,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_meeting_at_a_rendezvous_match_one_process(micro_copy):
+def test_two_nodes_meeting_at_a_rendezvous_match_one_process(micro_learn_copy):
     """Two torchrun agents on localhost, each one node of one process (learn.nnodes=2, the command a
     SLURM script runs on every node), against one process."""
-    repo = micro_copy
+    repo = micro_learn_copy
     learn(repo, **PARALLEL)
     single = logits(repo)
     set_params(repo, {**PARALLEL, "learn.nnodes": 2, "learn.rdzv_endpoint": f"127.0.0.1:{free_port()}"})
@@ -178,14 +178,14 @@ def test_two_nodes_meeting_at_a_rendezvous_match_one_process(micro_copy):
     assert max_diff(logits(repo), single) < 1e-5 and argmax_agreement(logits(repo), single) > 0.999
 
 
-def test_fsdp_ranks_hold_their_shards_of_the_model_not_the_whole(micro_copy):
+def test_fsdp_ranks_hold_their_shards_of_the_model_not_the_whole(micro_learn_copy):
     """FSDP reads the frozen weights block by block onto a model on the meta device and shards each:
     a rank's peak host memory up to its first step, loading included, is well under one process's
     (on a dense model of 136 M parameters, large enough that weights, logits and AdamW's state dominate
     the interpreter and its libraries)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    repo = micro_copy
+    repo = micro_learn_copy
     vocab = json.loads((repo / "artifacts" / "dense" / "config.json").read_text())["vocab_size"]
     torch.manual_seed(0)
     big = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
