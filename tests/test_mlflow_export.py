@@ -113,7 +113,7 @@ def test_sync_replays_the_curve_for_a_state_whose_learn_stage_was_cached(store, 
     assert len(learns) == 1 and learns["metrics.ce"].iloc[0] == 4.5
 
 
-def test_unreachable_server_fails_fast_with_the_fix(monkeypatch):
+def test_unreachable_server_fails_fast_with_the_fix(store, monkeypatch):
     with socket.socket() as s:  # a free port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
