@@ -92,13 +92,21 @@ def write(path: Path, overrides: dict) -> None:
         parse_params(yaml.safe_load(tmp.read_text()), f"{path} with {len(overrides)} override(s)")
 
 
+def purpose(path: Path) -> str:
+    """What a profile is for: the first sentence of its header comment, without its leading ``name:``."""
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("# ").strip())
+    text = " ".join(header)
+    text = text.split(": ", 1)[-1] if text.startswith(path.stem) else text
+    return text.split(". ")[0].rstrip(".")
+
+
 def describe() -> str:
-    """Each profile with the first line of its own comment."""
-    lines = []
-    for path in sorted(PROFILES.glob("*.yaml")):
-        first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
-        lines.append(f"{path.stem:12s} {first}")
-    return "\n".join(lines)
+    """Each profile with what it is for."""
+    return "\n".join(f"{path.stem:15s} {purpose(path)}" for path in sorted(PROFILES.glob("*.yaml")))
 
 
 def main(argv=None) -> None:

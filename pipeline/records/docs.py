@@ -216,19 +216,11 @@ def layout() -> str:
 
 
 def profiles() -> str:
-    """Each profile with the first sentence of its own header comment."""
-    from pipeline.profile import PROFILES
+    """Each profile with what it is for (the first sentence of its own header comment)."""
+    from pipeline.profile import PROFILES, purpose
 
-    lines = ["| profile | what it is for |", "|---|---|"]
-    for path in sorted(PROFILES.glob("*.yaml")):
-        header = []
-        for line in path.read_text().splitlines():
-            if not line.startswith("#"):
-                break
-            header.append(line.lstrip("# ").strip())
-        text = " ".join(header).split(": ", 1)[-1] if header[0].startswith(path.stem) else " ".join(header)
-        lines.append(f"| `{path.stem}` | {text.split('. ')[0].rstrip('.')} |")
-    return "\n".join(lines)
+    return "\n".join(["| profile | what it is for |", "|---|---|",
+                      *(f"| `{path.stem}` | {purpose(path)} |" for path in sorted(PROFILES.glob("*.yaml")))])
 
 
 BLOCKS = {"results": results, "zeroshot": zeroshot, "validation": validation, "budget": budget, "coverage": coverage,
