@@ -247,10 +247,10 @@ class Evaluate(Section):
         if len(set(leaves)) != len(leaves):
             raise ValueError(f"evaluate.zeroshot_tasks {self.zeroshot_tasks} names a task twice "
                              "('lastword' already holds every lastword_<domain>)")
-        rows = ("dense", *(r.name for r in registry.rows()), "maskllm")
+        rows = [r.name for r in registry.comparison()]
         for row in self.validation_rows:
             if row not in rows:
-                raise ValueError(f"evaluate.validation_rows: unknown row {row!r}; one of {list(rows)}")
+                raise ValueError(f"evaluate.validation_rows: unknown row {row!r}; one of {rows}")
         missing = [r for r in VALIDATION_READ if r not in self.validation_rows]
         if missing:
             raise ValueError(f"evaluate.validation_rows {self.validation_rows} lacks {missing}: the choices read "

@@ -84,3 +84,17 @@ def test_the_code_defaults_are_params_yaml_and_every_knob_is_in_it():
 
     assert keys(raw) == keys(Params().model_dump(mode="json"))
     assert Params().model_dump(mode="json") == parse_params(raw).model_dump(mode="json")
+
+
+def test_validation_rows_accept_exactly_the_rows_of_the_comparison():
+    """Config validation and the evaluation stages read one list of rows (the registry's comparison):
+    every row the stages evaluate is accepted on validation, and the error names that same list."""
+    from pipeline.evaluation.rows import ROWS
+    from pipeline.oneshot import registry
+
+    assert ROWS == tuple(r.name for r in registry.comparison())
+    assert ROWS[0] == "dense" and ROWS[-1] == "maskllm" and set(ROWS[1:-1]) == {r.name for r in registry.rows()}
+    assert parse_params({"evaluate": {"validation_rows": list(ROWS)}}).evaluate.validation_rows == list(ROWS)
+    with pytest.raises(ParamsError) as err:
+        parse_params({"evaluate": {"validation_rows": ["dense", "sparsegpt", "maskllm", "obs"]}})
+    assert f"one of {list(ROWS)}" in str(err.value)

@@ -10,8 +10,7 @@ DENSE = Path("artifacts/dense")
 PRIOR = Path("artifacts/prior")
 HARDEN = Path("artifacts/harden")
 
-_OWN = {"dense": registry.Row("dense", "dense", "#27ae60"), "maskllm": registry.Row("maskllm", "MaskLLM", "#c0392b")}
-_ROWS = {"dense": _OWN["dense"], **{r.name: r for r in registry.rows()}, "maskllm": _OWN["maskllm"]}
+_ROWS = {r.name: r for r in registry.comparison()}
 ROWS = tuple(_ROWS)
 # every row that prunes in one shot: the rows MaskLLM has to beat
 ONE_SHOT = tuple(r.name for r in registry.rows())
@@ -44,6 +43,6 @@ def row_mask_path(row: str) -> Path | None:
 def row_weights_path(row: str) -> Path | None:
     """The updated weights a row evaluates in place of the dense ones (SparseGPT's), if any."""
     check_row(row)
-    if row in _OWN or not _ROWS[row].updated_weights:
+    if row in (registry.DENSE.name, registry.MASKLLM.name) or not _ROWS[row].updated_weights:
         return None
     return PRIOR / registry.method_of_row(row).name / "weights.safetensors"

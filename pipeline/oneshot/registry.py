@@ -1,6 +1,6 @@
 """The one-shot methods, one entry each: what config validation, the rows, the figures, the memory plan
-and the pruning driver know about a method. Torch-free, so that what only names methods (params
-validation, tables, figures) does not load torch.
+and the pruning driver know about a method; and the comparison's rows (``comparison``). Torch-free, so
+that what only names methods (params validation, tables, figures) does not load torch.
 
 A method is a module of ``pipeline/oneshot/`` with one function,
 
@@ -89,6 +89,16 @@ def get(name: str) -> Method:
 def rows() -> tuple[Row, ...]:
     """Every row the one-shot methods add, in registry order."""
     return tuple(row for method in METHODS.values() for row in method.rows)
+
+
+# the two rows of the comparison that no one-shot method adds: the model before pruning and MaskLLM's mask
+DENSE = Row("dense", "dense", "#27ae60")
+MASKLLM = Row("maskllm", "MaskLLM", "#c0392b")
+
+
+def comparison() -> tuple[Row, ...]:
+    """Every row of the comparison, in table order: dense, the one-shot methods' rows, MaskLLM."""
+    return (DENSE, *rows(), MASKLLM)
 
 
 def method_of_row(row: str) -> Method:
