@@ -198,3 +198,8 @@ def test_budget_figure_has_a_line_per_recipe_with_seed_ranges_and_the_references
     assert {"dense 15.0", "SparseGPT 50.0"} <= set(lines)
     assert len(ax.containers) == 2  # one min–max bar per point run under several seeds
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+
+
+def test_token_counts_read_as_round_thousands_and_millions():
+    assert [plots.token_count(t) for t in (65536, 131072, 262144, 524288)] == ["66k", "131k", "262k", "524k"]
+    assert [plots.token_count(t) for t in (1048576, 2 ** 21)] == ["1.05M", "2.1M"]

@@ -15,6 +15,11 @@ from pipeline.evaluation.rows import ROWS, colour, label  # noqa: E402
 
 
 
+def token_count(v: float, _=None) -> str:
+    """A token count as a tick label: 65,536 -> "66k", 1,048,576 -> "1.05M"."""
+    return f"{v / 1e3:.0f}k" if v < 1e6 else f"{v / 1e6:.3g}M"
+
+
 def plain_log_axis(axis, lo: float, hi: float) -> None:
     """Plain-number labels on a log axis, only at 1, 2, 5 x 10^k (1 x 10^k beyond ~2.5 decades):
     matplotlib's default also labels minor ticks on a short axis, where 3x10^2 and 4x10^2 collide."""
@@ -337,7 +342,7 @@ def budget(curves: dict[str, dict[int, dict]], references: dict[str, float], dat
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     plain_log_axis(ax.yaxis, min(values), max(values))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:g}k" if v < 1e6 else f"{v / 1e6:g}M"))
+    ax.xaxis.set_major_formatter(FuncFormatter(token_count))
     ax.set_xlabel("training tokens (steps x batch x sequence length)")
     ax.set_ylabel(f"{dataset} validation PPL")
     ax.set_title("MaskLLM's budget curve (error bars: min–max over seeds)", fontsize=10)
