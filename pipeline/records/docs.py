@@ -33,7 +33,7 @@ def _json(path: str | Path) -> dict:
 
 def _state(params) -> dict | None:
     """The latest recorded state of exactly these params (any revision; params that change no result aside)."""
-    want = sweeps._relevant(params)
+    want = sweeps.relevant(params)
     found = [s for s in ledger.states(ledger.experiment_of(params)) if all(ledger.param(s, k) == v for k, v in want.items())]
     return found[-1] if found else None
 

@@ -50,7 +50,8 @@ def _matches(p: dict[str, str], current: dict[str, str], free: tuple[str, ...], 
     return all(p.get(k, defaults.get(k)) == v for k, v in current.items() if k not in free)
 
 
-def _relevant(params) -> dict[str, str]:
+def relevant(params) -> dict[str, str]:
+    """The flat params that can change a result (``IRRELEVANT`` aside): what identifies a state's results."""
     return {k: v for k, v in flat_params(params).items() if not k.startswith(IRRELEVANT)}
 
 
@@ -97,7 +98,7 @@ def _as_point(p: dict[str, str], swept: str, current: dict[str, str], defaults: 
 
 def _centre(params, around: dict[str, str] | None) -> dict[str, str]:
     """The flat params a sweep is run around: the current ones, but ``around`` (other_centres)."""
-    return {**_relevant(params), **(around or {})}
+    return {**relevant(params), **(around or {})}
 
 
 def _free(swept: str) -> tuple[str, ...]:
@@ -148,7 +149,7 @@ def other_centres(params, dataset: str, metric: str, parents: list | None = None
     next to them; a single sweep point run around a former default (a ``dvc exp run``) makes no
     centre of its own, so the figures hold no two-point curves of every pair of changes."""
     parents = states(params, dataset) if parents is None else parents
-    current, defaults = _relevant(params), _defaults()
+    current, defaults = relevant(params), _defaults()
     former = former_defaults(parents, metric)
     out = {}
     for swept in SWEEPS:
@@ -288,7 +289,7 @@ def transfer_states(params) -> dict[str, list[dict]]:
     where at least one state used a mask file as its prior (``learn.prior=file``)."""
     from pipeline.config import Data
 
-    current, defaults = _relevant(params), _defaults()
+    current, defaults = relevant(params), _defaults()
     out = {}
     for domain in Data.model_fields["source"].annotation.__args__:
         if domain == params.data.source:
@@ -337,7 +338,7 @@ def seed_states(params, dataset: str, parents: list | None = None) -> list:
     pair that holds results (the current state's own parent among them once it is logged; a parent
     without any PPL yet, e.g. opened by a running ``learn``, would hide an earlier run's results)."""
     parents = states(params, dataset) if parents is None else parents
-    return _seed_runs(_relevant(params), parents, _defaults())
+    return _seed_runs(relevant(params), parents, _defaults())
 
 
 def _seed_runs(centre: dict[str, str], parents: list, defaults: dict[str, str]) -> list:
@@ -368,7 +369,7 @@ def point_spreads(params, dataset: str, parents: list | None = None,
     compared with the current one by both spreads, not by one run."""
     parents = states(params, dataset) if parents is None else parents
     runs = sweep_runs(params, dataset, f"{CHOICE}.maskllm.{dataset}", parents) if runs is None else runs
-    current, defaults = _relevant(params), _defaults()
+    current, defaults = relevant(params), _defaults()
     out = {}
     for swept, points in runs.items():
         for key, (_, run) in points.items():
@@ -404,7 +405,7 @@ def neighbours(params, dataset: str, parents: list | None = None, max_changes: i
     change, fewest changes first: ``{"changes": {param: label}, "sets": {param: value} (for
     command), "metrics": {...}, "exp": DVC name}`` (a prior file is one change, ``file:<name>``)."""
     parents = states(params, dataset) if parents is None else parents
-    current, defaults = _relevant(params), _defaults()
+    current, defaults = relevant(params), _defaults()
     latest = {}
     for run in parents:
         p = run["params"]
@@ -455,7 +456,7 @@ def budget(recipes: dict[str, object], dataset: str, parents: list) -> dict[str,
     states}, "runs": n}}}, steps in order."""
     out = {}
     for name, params in recipes.items():
-        centre, defaults = _relevant(params), _defaults()
+        centre, defaults = relevant(params), _defaults()
         by_steps: dict[int, list] = {}
         for run in parents:
             p = run["params"]
