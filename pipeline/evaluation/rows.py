@@ -33,9 +33,9 @@ def check_row(row: str) -> None:
 def row_mask_path(row: str) -> Path | None:
     """The mask file a row evaluates (None: the dense model)."""
     check_row(row)
-    if row == "dense":
+    if row == registry.DENSE.name:
         return None
-    if row == "maskllm":
+    if row == registry.MASKLLM.name:
         return HARDEN / "mask.safetensors"
     return PRIOR / registry.method_of_row(row).name / "mask.safetensors"
 
@@ -43,6 +43,7 @@ def row_mask_path(row: str) -> Path | None:
 def row_weights_path(row: str) -> Path | None:
     """The updated weights a row evaluates in place of the dense ones (SparseGPT's), if any."""
     check_row(row)
-    if row in (registry.DENSE.name, registry.MASKLLM.name) or not _ROWS[row].updated_weights:
+    # dense and MaskLLM have no updated weights (Row.updated_weights is False for both)
+    if not _ROWS[row].updated_weights:
         return None
     return PRIOR / registry.method_of_row(row).name / "weights.safetensors"

@@ -41,11 +41,6 @@ def _value(text: str):
     return text
 
 
-def _defaults() -> dict[str, str]:
-    """The values a state recorded before a param existed ran with (``ledger.IMPLIED``)."""
-    return ledger.IMPLIED
-
-
 def _matches(p: dict[str, str], current: dict[str, str], free: tuple[str, ...], defaults: dict[str, str]) -> bool:
     return all(p.get(k, defaults.get(k)) == v for k, v in current.items() if k not in free)
 
@@ -117,7 +112,7 @@ def sweep_runs(params, dataset: str, metric: str, parents: list | None = None, a
     alone (latest run per value), where ``min_points`` values or more ran. A state without a prior
     is a point of both the prior sweep (``none``) and the prior-strength sweep (0)."""
     parents = states(params, dataset) if parents is None else parents
-    current, defaults = _centre(params, around), _defaults()
+    current, defaults = _centre(params, around), ledger.IMPLIED
     out = {}
     for swept in SWEEPS:
         points = {}
@@ -149,7 +144,7 @@ def other_centres(params, dataset: str, metric: str, parents: list | None = None
     next to them; a single sweep point run around a former default (a ``dvc exp run``) makes no
     centre of its own, so the figures hold no two-point curves of every pair of changes."""
     parents = states(params, dataset) if parents is None else parents
-    current, defaults = relevant(params), _defaults()
+    current, defaults = relevant(params), ledger.IMPLIED
     former = former_defaults(parents, metric)
     out = {}
     for swept in SWEEPS:
@@ -289,7 +284,7 @@ def transfer_states(params) -> dict[str, list[dict]]:
     where at least one state used a mask file as its prior (``learn.prior=file``)."""
     from pipeline.config import Data
 
-    current, defaults = relevant(params), _defaults()
+    current, defaults = relevant(params), ledger.IMPLIED
     out = {}
     for domain in Data.model_fields["source"].annotation.__args__:
         if domain == params.data.source:
@@ -338,7 +333,7 @@ def seed_states(params, dataset: str, parents: list | None = None) -> list:
     pair that holds results (the current state's own parent among them once it is logged; a parent
     without any PPL yet, e.g. opened by a running ``learn``, would hide an earlier run's results)."""
     parents = states(params, dataset) if parents is None else parents
-    return _seed_runs(relevant(params), parents, _defaults())
+    return _seed_runs(relevant(params), parents, ledger.IMPLIED)
 
 
 def _seed_runs(centre: dict[str, str], parents: list, defaults: dict[str, str]) -> list:
@@ -369,7 +364,7 @@ def point_spreads(params, dataset: str, parents: list | None = None,
     compared with the current one by both spreads, not by one run."""
     parents = states(params, dataset) if parents is None else parents
     runs = sweep_runs(params, dataset, f"{CHOICE}.maskllm.{dataset}", parents) if runs is None else runs
-    current, defaults = relevant(params), _defaults()
+    current, defaults = relevant(params), ledger.IMPLIED
     out = {}
     for swept, points in runs.items():
         for key, (_, run) in points.items():
@@ -384,7 +379,7 @@ def point_spreads(params, dataset: str, parents: list | None = None,
 def seed_values(states: list) -> dict[str, list[int]]:
     """The values of each seed param over ``states`` (seed_states): which sources of noise a
     spread includes (a one-shot row varies with ``prior.seed`` only)."""
-    defaults = _defaults()
+    defaults = ledger.IMPLIED
     return {k: sorted({int(s["params"].get(k, defaults.get(k))) for s in states}) for k in SEEDS}
 
 
@@ -405,7 +400,7 @@ def neighbours(params, dataset: str, parents: list | None = None, max_changes: i
     change, fewest changes first: ``{"changes": {param: label}, "sets": {param: value} (for
     command), "metrics": {...}, "exp": DVC name}`` (a prior file is one change, ``file:<name>``)."""
     parents = states(params, dataset) if parents is None else parents
-    current, defaults = relevant(params), _defaults()
+    current, defaults = relevant(params), ledger.IMPLIED
     latest = {}
     for run in parents:
         p = run["params"]
@@ -456,7 +451,7 @@ def budget(recipes: dict[str, object], dataset: str, parents: list) -> dict[str,
     states}, "runs": n}}}, steps in order."""
     out = {}
     for name, params in recipes.items():
-        centre, defaults = relevant(params), _defaults()
+        centre, defaults = relevant(params), ledger.IMPLIED
         by_steps: dict[int, list] = {}
         for run in parents:
             p = run["params"]
