@@ -77,7 +77,8 @@ def main(params):
         for domain, (bars, dense) in transfers.items():
             plots.transfer(domain, bars, dense, tmp / f"transfer_{domain}.png", dpi)
         if seeds > 1:
-            plots.seed_spread(in_domain, sweeps.row_spread(spread, table, dataset), dataset, tmp / "seeds.png", dpi, seed_values)
+            plots.seed_spread(in_domain, {r: s for r, s in sweeps.row_spread(spread, table, dataset).items()
+                                          if sweeps.varied(s)}, dataset, tmp / "seeds.png", dpi, seed_values)
         near = sweeps.neighbours(params, dataset, states)
         (tmp / "states.md").write_text(
             f"# MaskLLM in the logged pipeline states near the current params ({dataset})\n\n"

@@ -58,10 +58,13 @@ def test_table_shows_the_spread_over_seeds(tmp_path):
     spread = {"ppl.maskllm.wiki": {"min": 45.5, "max": 49.25, "n": 3, "mean": 47.0, "std": 1.0},
               "ppl.dense.wiki": {"min": 14.0, "max": 14.0, "n": 1, "mean": 14.0, "std": 0.0},
               # a one-shot row under learn seeds only: the same value three times, no range
-              "ppl.sparsegpt.wiki": {"min": 50.0, "max": 50.0, "n": 3, "mean": 50.0, "std": 0.0}}
+              "ppl.sparsegpt.wiki": {"min": 50.0, "max": 50.0, "n": 3, "mean": 50.0, "std": 0.0},
+              # the same row evaluated on two CPU models (float32 kernels): 1e-7 apart, no range either
+              "ppl.wanda.wiki": {"min": 128.2932647, "max": 128.2932677, "n": 2, "mean": 128.2932662, "std": 0.0}}
+    write(tmp_path, {"wanda": {"wiki": 128.2932677}})
     text = table(tmp_path, ["wiki"], "wiki", spread, "prior.seed 0; learn.seed 0, 1, 2")
     assert "| MaskLLM | 47.00 [45.50–49.25] |" in text and "| dense | 14.00 |" in text
-    assert "| SparseGPT | 50.00 |" in text
+    assert "| SparseGPT | 50.00 |" in text and "| Wanda | 128.29 |" in text
     assert "the same pipeline state under 3 seed pairs (prior.seed 0; learn.seed 0, 1, 2)" in text
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import load_params_or_exit
+from pipeline.records import sweeps
 from pipeline.records.metrics import gap_closed, read_ppl, read_zeroshot
 from pipeline.evaluation.rows import ROWS, label
 
@@ -19,7 +20,7 @@ from pipeline.evaluation.rows import ROWS, label
 def _cell(value: float, spread: dict | None) -> str:
     text = f"{value:,.2f}"
     # a row that does not depend on the seeds varied (one-shot rows under learn.seed) shows no range
-    if spread and spread["n"] > 1 and spread["max"] > spread["min"]:
+    if sweeps.varied(spread):
         text += f" [{spread['min']:,.2f}–{spread['max']:,.2f}]"
     return text
 
@@ -85,8 +86,6 @@ def zeroshot_table(metrics: Path, tasks: list[str], domains: list[str] = ()) -> 
 def seed_spread_or_note(params) -> tuple[dict, str, str]:
     """The current state's spread over seeds from the ledger and the seeds it spans, or a note
     saying why there is none."""
-    from pipeline.records import sweeps
-
     states = sweeps.states(params, params.data.source)
     runs = sweeps.seed_states(params, params.data.source, states)
     if len(runs) < 2:

@@ -328,6 +328,17 @@ def spread(values: list[float]) -> dict:
     return {"mean": mean, "min": min(values), "max": max(values), "std": std, "n": n}
 
 
+# One state evaluated on two CPU models differs by ~1e-7 of the perplexity (float32 kernels): a spread
+# over seed states narrower than this share of its value is that, not the seeds, and shows no range.
+SEED_NOISE = 1e-5
+
+
+def varied(s: dict | None) -> bool:
+    """Whether a spread over seed states (``spread``) shows a range: more than one state, and wider
+    than SEED_NOISE."""
+    return bool(s) and s["n"] > 1 and s["max"] - s["min"] > SEED_NOISE * abs(s["max"])
+
+
 def seed_states(params, dataset: str, parents: list | None = None) -> list:
     """The parents that differ from the current state in the seeds alone, the latest per seed
     pair that holds results (the current state's own parent among them once it is logged; a parent
