@@ -12,26 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipeline.maskllm.memory_plan import CONFIGS
 from pipeline.provenance import provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = {"strict (the stages)": "AUTO,STRICT", "MKL default": "AUTO"}
-
-
-def probe(model: Path, junk: int, cbwr: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "MKL_CBWR": cbwr, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, "-m", "tests.determinism_probe", str(model), str(junk)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if res.returncode:
-        raise SystemExit(f"determinism probe (junk {junk}, MKL_CBWR={cbwr}) failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.split("] ", 1)[1].rsplit(" (", 1)[0])
 
 
 def main() -> int:
@@ -39,21 +28,18 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="fresh processes per mode (allocation histories 0..runs-1)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "determinism.json")
     args = ap.parse_args()
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from tests.determinism_probe import probe, save_model
 
-    import torch
-
-    config = AutoConfig.from_pretrained(CONFIGS / "smollm2-135m.json")
-    config.num_hidden_layers = 2
-    torch.manual_seed(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        AutoModelForCausalLM.from_config(config).save_pretrained(Path(tmp) / "model")
+        model = Path(tmp) / "model"
+        save_model(model)
         for mode, cbwr in MODES.items():
+            env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "MKL_CBWR": cbwr, "HF_HUB_OFFLINE": "1"}
             first = None
             for junk in range(args.runs):
                 t0 = time.perf_counter()
-                out = probe(Path(tmp) / "model", junk, cbwr)
+                out = probe(model, junk, env)
                 first = first or out
                 rows.append({"mode": mode, "MKL_CBWR": cbwr, "junk": junk, "ce": out["ce"], "logits": out["logits"],
                              "same_as_first": out == first, "seconds": round(time.perf_counter() - t0, 1)})

@@ -5,6 +5,7 @@ tensors land elsewhere in memory than in a process that did not (tests/test_dete
 import hashlib
 import json
 import random
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -12,9 +13,31 @@ from pathlib import Path
 import torch
 
 from pipeline.maskllm.checkpoint import Checkpoint
+from pipeline.maskllm.memory_plan import CONFIGS
 from pipeline.maskllm.train import learn_masks
 from pipeline.model.loading import load_model
 from pipeline.stage import run_stage
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def save_model(path: Path) -> None:
+    """The probe's model: SmolLM2-135M's widths and vocabulary, 2 of its blocks, seeded random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(CONFIGS / "smollm2-135m.json")
+    config.num_hidden_layers = 2
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+
+
+def probe(model: Path, junk: int, env: dict) -> dict:
+    """This probe in a fresh process (``env``: its environment): {"ce": [hex per step], "logits": sha256}."""
+    res = subprocess.run([sys.executable, "-m", "tests.determinism_probe", str(model), str(junk)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.split("] ", 1)[1].rsplit(" (", 1)[0])
 
 
 def main(params, model_dir: str, junk: int):

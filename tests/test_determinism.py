@@ -1,30 +1,18 @@
 """Same params, same machine, same bits: learn's first steps from two fresh processes whose memory
 holds other data at other addresses, on a model with the default model's shapes (SmolLM2-135M's widths
 and vocabulary, 2 of its 30 blocks), so that every GEMM and kernel is the default run's."""
-import json
 import subprocess
 import sys
 
-from pipeline.maskllm.memory_plan import CONFIGS
 from tests.conftest import ROOT, repo_env
+from tests.determinism_probe import probe, save_model
 
 
 def test_two_fresh_processes_with_different_allocation_histories_learn_the_same_bits(tmp_path):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    import torch
-
-    config = AutoConfig.from_pretrained(CONFIGS / "smollm2-135m.json")
-    config.num_hidden_layers = 2
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    save_model(tmp_path / "model")
     env = repo_env(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")  # the stages' threads, not the tests' one
-    runs = []
-    for junk in (0, 1):  # a fresh process as a stage starts, and one whose allocator holds other blocks
-        res = subprocess.run([sys.executable, "-m", "tests.determinism_probe", str(tmp_path / "model"), str(junk)],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        assert res.returncode == 0, res.stderr[-3000:]
-        runs.append(json.loads(res.stdout.split("] ", 1)[1].rsplit(" (", 1)[0]))
+    # a fresh process as a stage starts, and one whose allocator holds other blocks
+    runs = [probe(tmp_path / "model", junk, env) for junk in (0, 1)]
     assert len(runs[0]["ce"]) == 3
     assert runs[1] == runs[0], runs
 
