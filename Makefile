@@ -35,7 +35,9 @@ repro: install
 	$(BIN)/dvc metrics show
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --durations=15
+	# --maxschedchunk 1: each worker holds one test in reserve, so the long tests that start each phase
+	# (tests/conftest.py) spread over both workers instead of queueing behind each other on one
+	$(BIN)/python -m pytest -q -n 2 --maxschedchunk 1 --durations=15
 
 micro: install  ## the whole pipeline on the micro profile, as a DVC experiment
 	$(BIN)/dvc exp run $$($(BIN)/python -m pipeline.profile micro)

@@ -75,12 +75,16 @@ MICRO = ("micro_base", "micro_copy", "micro_repo", *LEARN_BASE)
 
 def pytest_collection_modifyitems(config, items):
     """Tests on the micro build last, those that need its learn stage only first among them: the unit
-    tests run while it builds in the background, the learn tests while the rest of it does."""
+    tests run while it builds in the background, the learn tests while the rest of it does. Within
+    each phase the tests marked ``long`` start first: xdist hands tests out in this order, so the
+    session ends on short tests that even out the workers, not on one worker running a long test
+    while the other idles."""
     items.sort(key=lambda item: (any(name in item.fixturenames for name in MICRO),
-                                 not any(name in item.fixturenames for name in LEARN_BASE)))
+                                 not any(name in item.fixturenames for name in LEARN_BASE),
+                                 item.get_closest_marker("long") is None))
 
 
-def _shared_home(tmp_path_factory, config) -> Path:
+def shared_home(tmp_path_factory, config) -> Path:
     root = tmp_path_factory.getbasetemp()
     if hasattr(config, "workerinput"):  # an xdist worker: basetemp is per worker
         root = root.parent
@@ -95,7 +99,7 @@ def _micro_build(tmp_path_factory, request):
         return
     from filelock import FileLock
 
-    root = _shared_home(tmp_path_factory, request.config)
+    root = shared_home(tmp_path_factory, request.config)
     home = root / "micro-shared"
     with FileLock(str(root / "micro-shared.lock")):
         if not (home / "started").is_file():
@@ -128,7 +132,7 @@ def _wait_for(home: Path, phase: str) -> str:
 def micro_base(_micro_build, tmp_path_factory, request):
     """The micro profile's whole pipeline reproduced once (in the background, from the
     session's start); tests work on copies of it. The xdist workers share the one build."""
-    home = _shared_home(tmp_path_factory, request.config) / "micro-shared"
+    home = shared_home(tmp_path_factory, request.config) / "micro-shared"
     stdout = _wait_for(home, "learn") + _wait_for(home, "repro")
     return home / "repo", SimpleNamespace(stdout=stdout)
 
@@ -137,7 +141,7 @@ def micro_base(_micro_build, tmp_path_factory, request):
 def micro_learn_copy(_micro_build, tmp_path_factory, request, tmp_path):
     """A private copy of the micro build once its `learn` stage and what it depends on are reproduced
     (the rest of the build goes on in another folder)."""
-    home = _shared_home(tmp_path_factory, request.config) / "micro-shared"
+    home = shared_home(tmp_path_factory, request.config) / "micro-shared"
     _wait_for(home, "learn")
     repo = tmp_path / "repo"
     shutil.copytree(home / "learn", repo, symlinks=True)

@@ -4,10 +4,13 @@ and vocabulary, 2 of its 30 blocks), so that every GEMM and kernel is the defaul
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, repo_env
 from tests.determinism_probe import probe, save_model
 
 
+@pytest.mark.long
 def test_two_fresh_processes_with_different_allocation_histories_learn_the_same_bits(tmp_path):
     save_model(tmp_path / "model")
     env = repo_env(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")  # the stages' threads, not the tests' one

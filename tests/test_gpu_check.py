@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKED = ("pydantic", "mlflow", "dvc", "gguf")  # absent on the GPU machine
 
@@ -18,6 +20,7 @@ def _env(tmp_path: Path) -> dict:
             "GPU_CHECK_LIMIT_S": "3000", "MASKLLM_DEVICE": "cpu"}
 
 
+@pytest.mark.long
 def test_dry_run_runs_every_part_without_dvc_mlflow_pydantic_or_gguf(tmp_path):
     from bench.gpu_check import LEARN_RUNS
 

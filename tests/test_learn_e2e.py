@@ -5,14 +5,17 @@ nodes meeting at a localhost rendezvous, FSDP resumed after SIGKILL and on anoth
 and FSDP's host memory per rank."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
+from types import SimpleNamespace
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BIN, repo_env, run, set_params
+from tests.conftest import BIN, shared_home, repo_env, run, set_params
 
 LEARN = {"learn.steps": 18, "learn.checkpoint_every": 3, "learn.batch_size": 2}
 # the same global batch for all. kappa 100: at the default 1000 the sharp samples leave the rival
@@ -21,6 +24,7 @@ LEARN = {"learn.steps": 18, "learn.checkpoint_every": 3, "learn.batch_size": 2}
 # reduction itself would measure AdamW's sign-steps instead
 PARALLEL = {"learn.steps": 8, "learn.checkpoint_every": 2, "learn.batch_size": 4, "learn.micro_batch_size": 2,
             "learn.kappa": 100.0}  # micro-batches of 2: one process accumulates 2, two ranks take one each
+FSDP = {**PARALLEL, "learn.nproc": 2, "learn.parallel": "fsdp"}
 # one sequence per micro-batch: one process accumulates 4 micro-batches per step, 2 ranks 2 each
 ACCUMULATE = {**PARALLEL, "learn.micro_batch_size": 1}
 
@@ -40,10 +44,42 @@ def checkpoint_step(repo) -> int:
     return max(steps)
 
 
+PRIOR_KEYS = {"learn.prior", "learn.prior_strength", "learn.prior_file"}  # what stages.learn_prior reads
+
+
 def learn(repo, **params):
     set_params(repo, params)
-    run([str(BIN / "python"), "-m", "stages.learn_prior"], repo)  # which prior mask, as `dvc repro` would
+    if PRIOR_KEYS & params.keys():  # which prior mask, as `dvc repro` would (the learn base has the micro one's)
+        run([str(BIN / "python"), "-m", "stages.learn_prior"], repo)
     return run([str(BIN / "python"), "-m", "stages.learn"], repo, env=repo_env(OMP_NUM_THREADS="1"))
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, request):
+    """``reference(repo, name, params)`` -> the logits, metrics and stdout of ``learn(repo, **params)``
+    from the micro learn base, computed once per session: several tests compare against the same run,
+    so the first xdist worker to ask computes it (in its own copy of the base; the others wait on the
+    lock) and every later call reads the files it kept."""
+    from filelock import FileLock
+
+    home = shared_home(tmp_path_factory, request.config) / "learn-references"
+    home.mkdir(exist_ok=True)
+
+    def get(repo, name: str, params: dict) -> SimpleNamespace:
+        kept = home / name
+        with FileLock(str(home / f"{name}.lock")):
+            if not kept.is_dir():
+                res = learn(repo, **params)
+                tmp = home / f"{name}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                shutil.copy2(repo / "artifacts" / "learn" / "logits.safetensors", tmp)
+                shutil.copy2(repo / "metrics" / "learn.json", tmp)
+                (tmp / "stdout").write_text(res.stdout)
+                tmp.rename(kept)
+        return SimpleNamespace(logits=load_file(str(kept / "logits.safetensors")), stdout=(kept / "stdout").read_text(),
+                               metrics=json.loads((kept / "learn.json").read_text()))
+    return get
 
 
 def kill_after_checkpoint(repo, cmd, step: int, total: int) -> int:
@@ -69,6 +105,7 @@ def argmax_agreement(a, b) -> float:
     return sum(int((a[k].argmax(-1) == b[k].argmax(-1)).sum()) for k in a) / sum(a[k].shape[0] for k in a)
 
 
+@pytest.mark.long
 def test_sigkilled_learn_resumes_to_the_same_logits(micro_learn_copy):
     repo = micro_learn_copy
     set_params(repo, LEARN)
@@ -78,39 +115,39 @@ def test_sigkilled_learn_resumes_to_the_same_logits(micro_learn_copy):
     resumed = logits(repo)
     assert checkpoint_step(repo) == 0 and (repo / "artifacts" / "learn_ckpt").is_dir()  # cleared when finished
 
-    run([str(BIN / "dvc"), "repro", "--force", "learn"], repo)  # the same run, uninterrupted
+    # the same run, uninterrupted (--single-item: --force alone would rerun every stage upstream too)
+    res = run([str(BIN / "dvc"), "repro", "--force", "--single-item", "learn"], repo)
+    assert "Running stage 'learn'" in res.stdout and "Running stage 'dense'" not in res.stdout, res.stdout[-2000:]
     fresh = logits(repo)
     assert resumed.keys() == fresh.keys() and len(fresh) == 14  # 2 blocks x 7 linear layers
     for name in fresh:
         assert torch.equal(resumed[name], fresh[name]), name
 
 
-def test_ddp_and_fsdp_on_two_processes_match_one_process(micro_learn_copy):
+@pytest.mark.long
+def test_ddp_and_fsdp_on_two_processes_match_one_process(micro_learn_copy, reference):
     repo = micro_learn_copy
-    learn(repo, **PARALLEL)
-    single = logits(repo)
+    single = reference(repo, "single", PARALLEL).logits
     res = learn(repo, **PARALLEL, **{"learn.nproc": 2, "learn.parallel": "ddp"})
     assert "2 process(es), ddp" in res.stdout and "2 process(es) x 1 node(s) (ddp) done" in res.stdout
     ddp = logits(repo)
-    res = learn(repo, **PARALLEL, **{"learn.nproc": 2, "learn.parallel": "fsdp"})
+    res = reference(repo, "fsdp", FSDP)
     assert "2 process(es), fsdp" in res.stdout
-    fsdp = logits(repo)
+    fsdp = res.logits
     moved = max(float((single[k] - single[k].mean()).abs().max()) for k in single)
     # the same global batch and Gumbel sample on every rank: only the float summation order of the
     # gradient reduction (all-reduce, reduce-scatter) differs from the single process
     assert max_diff(ddp, single) < 1e-5 and max_diff(fsdp, single) < 1e-5 and moved > 1e-3
     assert argmax_agreement(ddp, single) > 0.999 and argmax_agreement(fsdp, single) > 0.999
-    metrics = json.loads((repo / "metrics" / "learn.json").read_text())
-    assert metrics["processes"] == 2 and metrics["parallel"] == "fsdp"
+    assert res.metrics["processes"] == 2 and res.metrics["parallel"] == "fsdp"
 
 
-def test_fsdp_resumes_after_sigkill_and_on_another_number_of_processes(micro_learn_copy):
+@pytest.mark.long
+def test_fsdp_resumes_after_sigkill_and_on_another_number_of_processes(micro_learn_copy, reference):
     repo = micro_learn_copy
-    fsdp = {**PARALLEL, "learn.nproc": 2, "learn.parallel": "fsdp"}
-    learn(repo, **fsdp)
-    uninterrupted = logits(repo)
+    uninterrupted = reference(repo, "fsdp", FSDP).logits
 
-    set_params(repo, fsdp)  # killed mid-run, resumed by `dvc repro` on the same 2 processes
+    set_params(repo, FSDP)  # killed mid-run, resumed by `dvc repro` on the same 2 processes
     killed_at = kill_after_checkpoint(repo, [str(BIN / "dvc"), "repro", "learn"], 4, 8)
     res = run([str(BIN / "dvc"), "repro", "learn"], repo, env=repo_env(OMP_NUM_THREADS="1"))
     assert f"resumed at {killed_at}" in res.stdout, res.stdout[-2000:]
@@ -118,7 +155,7 @@ def test_fsdp_resumes_after_sigkill_and_on_another_number_of_processes(micro_lea
 
     # a checkpoint written by 2 ranks, resumed by 1 process (DCP reshards it)
     killed_at = kill_after_checkpoint(repo, [str(BIN / "python"), "-m", "stages.learn"], 4, 8)
-    res = learn(repo, **{**fsdp, "learn.nproc": 1, "learn.parallel": "ddp"})
+    res = learn(repo, **{**FSDP, "learn.nproc": 1, "learn.parallel": "ddp"})
     assert f"resumed at {killed_at}, 1 process(es)" in res.stdout, res.stdout[-2000:]
     assert max_diff(logits(repo), uninterrupted) < 1e-5
     assert argmax_agreement(logits(repo), uninterrupted) > 0.999
@@ -126,13 +163,13 @@ def test_fsdp_resumes_after_sigkill_and_on_another_number_of_processes(micro_lea
     assert leftovers == [], leftovers  # a finished run leaves no checkpoint (and no half-written one)
 
 
-def test_two_ranks_accumulating_two_micro_batches_match_one_process_accumulating_four(micro_learn_copy):
+def test_two_ranks_accumulating_two_micro_batches_match_one_process_accumulating_four(micro_learn_copy, reference):
     """Every micro-batch has its own Gumbel sample, keyed by its index in the global batch, whoever
     computes it: the same samples, the same mean gradient, only its float summation order differs."""
     repo = micro_learn_copy
-    learn(repo, **ACCUMULATE)
-    single = logits(repo)
-    assert json.loads((repo / "metrics" / "learn.json").read_text())["accumulation"] == 4
+    res = reference(repo, "accumulate", ACCUMULATE)
+    single = res.logits
+    assert res.metrics["accumulation"] == 4
     learn(repo, **ACCUMULATE, **{"learn.nproc": 2, "learn.parallel": "ddp"})
     assert json.loads((repo / "metrics" / "learn.json").read_text())["accumulation"] == 2
     two = logits(repo)
@@ -141,10 +178,9 @@ def test_two_ranks_accumulating_two_micro_batches_match_one_process_accumulating
     assert max_diff(logits(repo), single) > 1e-4
 
 
-def test_a_sigkilled_run_that_accumulates_resumes_to_the_same_logits(micro_learn_copy):
+def test_a_sigkilled_run_that_accumulates_resumes_to_the_same_logits(micro_learn_copy, reference):
     repo = micro_learn_copy
-    learn(repo, **ACCUMULATE)
-    uninterrupted = logits(repo)
+    uninterrupted = reference(repo, "accumulate", ACCUMULATE).logits
     set_params(repo, ACCUMULATE)
     killed_at = kill_after_checkpoint(repo, [str(BIN / "dvc"), "repro", "learn"], 2, 8)
     res = run([str(BIN / "dvc"), "repro", "learn"], repo, env=repo_env(OMP_NUM_THREADS="1"))
@@ -161,12 +197,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_meeting_at_a_rendezvous_match_one_process(micro_learn_copy):
+def test_two_nodes_meeting_at_a_rendezvous_match_one_process(micro_learn_copy, reference):
     """Two torchrun agents on localhost, each one node of one process (learn.nnodes=2, the command a
     SLURM script runs on every node), against one process."""
     repo = micro_learn_copy
-    learn(repo, **PARALLEL)
-    single = logits(repo)
+    single = reference(repo, "single", PARALLEL).logits
     set_params(repo, {**PARALLEL, "learn.nnodes": 2, "learn.rdzv_endpoint": f"127.0.0.1:{free_port()}"})
     agents = [subprocess.Popen([str(BIN / "python"), "-m", "stages.learn"], cwd=repo, env=repo_env(OMP_NUM_THREADS="1"),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
@@ -178,6 +213,7 @@ def test_two_nodes_meeting_at_a_rendezvous_match_one_process(micro_learn_copy):
     assert max_diff(logits(repo), single) < 1e-5 and argmax_agreement(logits(repo), single) > 0.999
 
 
+@pytest.mark.long
 def test_fsdp_ranks_hold_their_shards_of_the_model_not_the_whole(micro_learn_copy):
     """FSDP reads the frozen weights block by block onto a model on the meta device and shards each:
     a rank's peak host memory up to its first step, loading included, is well under one process's
