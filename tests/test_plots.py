@@ -166,11 +166,10 @@ def test_zeroshot_figure_marks_chance_and_standard_errors(figures, tmp_path):
 
 def test_seed_figure_shows_each_rows_range(figures, tmp_path):
     plots.seed_spread({"dense": 14.0, "sparsegpt": 50.0, "maskllm": 36.0},
-                      {"sparsegpt": {"min": 49.0, "max": 53.0, "n": 3}, "maskllm": {"min": 34.0, "max": 39.0, "n": 3},
-                       "dense": {"min": 14.0, "max": 14.0, "n": 3}}, "wiki", tmp_path / "seeds.png",
-                      seeds="prior.seed 0, 1, 2; learn.seed 0, 1, 2")
+                      {"sparsegpt": {"min": 49.0, "max": 53.0, "n": 3}, "maskllm": {"min": 34.0, "max": 39.0, "n": 3}},
+                      "wiki", tmp_path / "seeds.png", seeds="prior.seed 0, 1, 2; learn.seed 0, 1, 2")
     ax = figures[-1].axes[0]
-    # dense did not vary with the seeds: no bar, no range in its label
+    # dense is not in the spread (it did not vary with the seeds: sweeps.varied): no bar, no range in its label
     ranges = sorted(tuple(seg[:, 0]) for c in ax.collections for seg in c.get_segments())
     assert ranges == [(34.0, 39.0), (49.0, 53.0)]
     assert [t.get_text() for t in ax.texts][0] == "14.0"

@@ -294,17 +294,17 @@ def seed_spread(in_domain: dict[str, float], spread: dict[str, dict], dataset: s
                 seeds: str = "prior.seed, learn.seed") -> None:
     """In-domain PPL of every row in the current state (dots) and its range over the same state
     under other seeds (bars, min to max): differences inside the ranges are not real.
-    spread: {row: {"min", "max", "n"}} (sweeps.seed_spread); seeds: the seed values spanned
-    (sweeps.describe_seeds). A row that did not vary with them gets no bar."""
+    spread: {row: {"min", "max", "n"}} of the rows that varied with the seeds (sweeps.seed_spread,
+    filtered by sweeps.varied); seeds: the seed values spanned (sweeps.describe_seeds). A row that
+    ``spread`` lacks gets no bar."""
     rows = [r for r in ROWS if r in in_domain]
-    spread = {r: s for r, s in spread.items() if s["n"] > 1 and s["max"] > s["min"]}
     fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(rows) + 1.4))
     for y, r in enumerate(rows):
         s = spread.get(r)
-        if s and s["n"] > 1:
+        if s:
             ax.hlines(y, s["min"], s["max"], color=colour(r, "#888"), lw=6, alpha=0.35)
         ax.plot([in_domain[r]], [y], "o", color=colour(r, "#888"))
-        ax.annotate(f"{in_domain[r]:.1f}" + (f"  [{s['min']:.1f}–{s['max']:.1f}]" if s and s["n"] > 1 else ""),
+        ax.annotate(f"{in_domain[r]:.1f}" + (f"  [{s['min']:.1f}–{s['max']:.1f}]" if s else ""),
                     (in_domain[r], y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
     ax.set_yticks(range(len(rows)), [label(r) for r in rows], fontsize=9)
     ax.set_xscale("log")
