@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import BIN, shared_home, repo_env, run, set_params
+from tests.conftest import BIN, repo_env, run, set_params, shared_home
 
 LEARN = {"learn.steps": 18, "learn.checkpoint_every": 3, "learn.batch_size": 2}
 # the same global batch for all. kappa 100: at the default 1000 the sharp samples leave the rival
