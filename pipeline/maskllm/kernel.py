@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 import struct
 import warnings
 from pathlib import Path
@@ -156,20 +157,24 @@ def cpp_kernel():
 
 def _build(cflags: list[str], ldflags: list[str]) -> None:
     """Compile and load the kernel (``torch.ops.maskllm``) with these flags."""
-    from torch.utils.cpp_extension import _get_build_directory, load
+    from torch.utils.cpp_extension import load
 
-    # built from a copy named by its content and flags: every checkout of the same source (the
-    # test suite's temporary repositories, DVC's queued experiments) reuses one build instead of
-    # rebuilding because the source path changed
+    # built from a copy named by its content, flags, Python and torch: every checkout of the same
+    # source (the test suite's temporary repositories, DVC's queued experiments) reuses one build
+    # instead of rebuilding because the source path changed. The folder is ours (under torch's
+    # documented TORCH_EXTENSIONS_DIR when set), passed to load() as its build_directory.
     code = CSRC.read_bytes()
-    digest = hashlib.sha256(code + " ".join(cflags + ldflags).encode()).hexdigest()[:12]
-    name = f"maskllm_masked_weight_{digest}"
-    source = Path(_get_build_directory(name, verbose=False)) / CSRC.name
+    key = " ".join([*cflags, *ldflags, platform.python_version(), torch.__version__]).encode()
+    name = f"maskllm_masked_weight_{hashlib.sha256(code + key).hexdigest()[:12]}"
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    build = root / "maskllm" / name
+    build.mkdir(parents=True, exist_ok=True)
+    source = build / CSRC.name
     if not source.is_file() or source.read_bytes() != code:
         tmp = source.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_bytes(code)
         os.replace(tmp, source)
-    load(name=name, sources=[str(source)], verbose=False, is_python_module=False,
+    load(name=name, sources=[str(source)], build_directory=str(build), verbose=False, is_python_module=False,
          extra_cflags=cflags, extra_ldflags=ldflags)
 
 
