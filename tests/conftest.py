@@ -73,15 +73,26 @@ LEARN_BASE = ("micro_learn_copy",)
 MICRO = ("micro_base", "micro_copy", "micro_repo", *LEARN_BASE)
 
 
+def seconds(item) -> float:
+    """A ``long(seconds)`` test's typical seconds in `make test` (0 for the others)."""
+    mark = item.get_closest_marker("long")
+    if mark is None:
+        return 0
+    if len(mark.args) != 1 or not isinstance(mark.args[0], (int, float)):
+        raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.long takes the test's typical seconds in "
+                                "`make test`, e.g. @pytest.mark.long(90)")
+    return mark.args[0]
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests on the micro build last, those that need its learn stage only first among them: the unit
     tests run while it builds in the background, the learn tests while the rest of it does. Within
-    each phase the tests marked ``long`` start first: xdist hands tests out in this order, so the
-    session ends on short tests that even out the workers, not on one worker running a long test
-    while the other idles."""
+    each phase the tests marked ``long`` start first, the longest first: xdist hands tests out in this
+    order, so the session ends on short tests that even out the workers, not on one worker running a
+    long test while the others idle."""
     items.sort(key=lambda item: (any(name in item.fixturenames for name in MICRO),
                                  not any(name in item.fixturenames for name in LEARN_BASE),
-                                 item.get_closest_marker("long") is None))
+                                 -seconds(item)))
 
 
 def shared_home(tmp_path_factory, config) -> Path:

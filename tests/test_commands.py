@@ -173,7 +173,7 @@ def check(words: list[str], repo: Path, tmp: Path) -> str:
     raise AssertionError(f"no check for the documented command {' '.join(words)!r}: add one to tests/test_commands.py")
 
 
-@pytest.mark.long
+@pytest.mark.long(85)
 def test_every_documented_command_runs_or_parses(micro_copy, tmp_path):
     (micro_copy / ".venv").symlink_to(Path(sys.prefix))
     env_path = f"{BIN}{os.pathsep}{os.environ['PATH']}"

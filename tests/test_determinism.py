@@ -10,7 +10,7 @@ from tests.conftest import ROOT, repo_env
 from tests.determinism_probe import probe, save_model
 
 
-@pytest.mark.long
+@pytest.mark.long(135)
 def test_two_fresh_processes_with_different_allocation_histories_learn_the_same_bits(tmp_path):
     save_model(tmp_path / "model")
     env = repo_env(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")  # the stages' threads, not the tests' one

@@ -20,7 +20,7 @@ def _env(tmp_path: Path) -> dict:
             "GPU_CHECK_LIMIT_S": "3000", "MASKLLM_DEVICE": "cpu"}
 
 
-@pytest.mark.long
+@pytest.mark.long(40)
 def test_dry_run_runs_every_part_without_dvc_mlflow_pydantic_or_gguf(tmp_path):
     from bench.gpu_check import LEARN_RUNS
 

@@ -105,7 +105,7 @@ def argmax_agreement(a, b) -> float:
     return sum(int((a[k].argmax(-1) == b[k].argmax(-1)).sum()) for k in a) / sum(a[k].shape[0] for k in a)
 
 
-@pytest.mark.long
+@pytest.mark.long(95)
 def test_sigkilled_learn_resumes_to_the_same_logits(micro_learn_copy):
     repo = micro_learn_copy
     set_params(repo, LEARN)
@@ -124,7 +124,7 @@ def test_sigkilled_learn_resumes_to_the_same_logits(micro_learn_copy):
         assert torch.equal(resumed[name], fresh[name]), name
 
 
-@pytest.mark.long
+@pytest.mark.long(45)
 def test_ddp_and_fsdp_on_two_processes_match_one_process(micro_learn_copy, reference):
     repo = micro_learn_copy
     single = reference(repo, "single", PARALLEL).logits
@@ -142,7 +142,7 @@ def test_ddp_and_fsdp_on_two_processes_match_one_process(micro_learn_copy, refer
     assert res.metrics["processes"] == 2 and res.metrics["parallel"] == "fsdp"
 
 
-@pytest.mark.long
+@pytest.mark.long(150)
 def test_fsdp_resumes_after_sigkill_and_on_another_number_of_processes(micro_learn_copy, reference):
     repo = micro_learn_copy
     uninterrupted = reference(repo, "fsdp", FSDP).logits
@@ -163,6 +163,7 @@ def test_fsdp_resumes_after_sigkill_and_on_another_number_of_processes(micro_lea
     assert leftovers == [], leftovers  # a finished run leaves no checkpoint (and no half-written one)
 
 
+@pytest.mark.long(100)
 def test_two_ranks_accumulating_two_micro_batches_match_one_process_accumulating_four(micro_learn_copy, reference):
     """Every micro-batch has its own Gumbel sample, keyed by its index in the global batch, whoever
     computes it: the same samples, the same mean gradient, only its float summation order differs."""
@@ -213,7 +214,7 @@ def test_two_nodes_meeting_at_a_rendezvous_match_one_process(micro_learn_copy, r
     assert max_diff(logits(repo), single) < 1e-5 and argmax_agreement(logits(repo), single) > 0.999
 
 
-@pytest.mark.long
+@pytest.mark.long(120)
 def test_fsdp_ranks_hold_their_shards_of_the_model_not_the_whole(micro_learn_copy):
     """FSDP reads the frozen weights block by block onto a model on the meta device and shards each:
     a rank's peak host memory up to its first step, loading included, is well under one process's

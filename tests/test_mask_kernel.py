@@ -216,7 +216,7 @@ def test_fused_paths_keep_nothing_but_their_inputs_for_backward(kernel, impl):
         assert (extra == 0) == lean, (fn, extra)
 
 
-@pytest.mark.long
+@pytest.mark.long(155)
 def test_a_compiler_without_openmp_builds_the_same_kernel_on_one_thread(kernel, tmp_path):
     """Where -fopenmp is refused (Apple clang), the kernel is built without it, says so, and computes the
     same bits (its tiles in order on one thread) instead of falling back to the 19x slower torch ops.

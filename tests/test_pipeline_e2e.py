@@ -131,6 +131,7 @@ def test_second_repro_only_replots_and_duplicates_nothing(micro_copy):
     assert len(mlflow_runs(micro_copy)) == before
 
 
+@pytest.mark.long(80)
 def test_a_new_domain_evaluates_only_its_own_column(micro_copy, tmp_path):
     docs = tmp_path / "pydocs"  # a stand-in for Debian's python3.11-doc sources
     for i in range(60):
@@ -161,7 +162,7 @@ def test_a_new_domain_evaluates_only_its_own_column(micro_copy, tmp_path):
     assert len(mine) == len(ROWS) * len(DOMAINS) + 1 and set(mine["tags.domain"]) == {*DOMAINS, "pydocs"}
 
 
-@pytest.mark.long
+@pytest.mark.long(190)
 def test_a_learned_mask_as_prior_reruns_only_the_maskllm_branch(micro_copy):
     """learn.prior=file: the workspace's MaskLLM mask, exported and `dvc add`ed, as the prior."""
     run(["git", "add", "-A"], micro_copy)
@@ -192,7 +193,7 @@ def test_a_learned_mask_as_prior_reruns_only_the_maskllm_branch(micro_copy):
     # (a mask made for other dense weights is refused: tests/test_transfer.py)
 
 
-@pytest.mark.long
+@pytest.mark.long(340)
 def test_queued_ablations_rerun_only_the_maskllm_branch_and_land_in_the_one_store(micro_copy):
     """Two learn ablations queued and run side by side: each reruns only the MaskLLM branch and records
     its own state (every result, the cached ones included) in the one ledger under its experiment name;
@@ -298,7 +299,7 @@ def test_unreachable_tracking_server_fails_fast_and_keeps_outputs(micro_copy):
     assert (micro_copy / "plots" / "ppl.png").is_file()
 
 
-@pytest.mark.long
+@pytest.mark.long(230)
 def test_the_paper_profile_runs_end_to_end_on_the_tiny_model(micro_copy):
     """profiles/paper.yaml as typed, with only what needs the hub or the budget overridden: the tiny
     model and 1,500 articles of the embedded corpus instead of LLaMA-2 7B and C4 (enough test text for
