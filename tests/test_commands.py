@@ -3,8 +3,8 @@
 The commands are read from the ```bash blocks. Those that are fast run for real on a reproduced micro
 pipeline (a profile, the memory plan, `make micro`, `dvc exp show`, ...); the long ones (a full `dvc
 repro`, an ablation's `dvc exp run -S`, GPU and hub runs, SLURM) go through the parsers and validation
-they would meet (`make -n`, DVC's own -S parser and the params validation, argparse) without running. A command no
-handler knows fails the test: a new documented command needs its check here.
+they would meet (`make -n`, DVC's own -S parser and the params validation, argparse) without running.
+A command no handler knows fails the test: a new documented command needs its check here.
 """
 import os
 import re
